@@ -1,0 +1,1 @@
+"""Model families that sleep: one package per architecture, registered with the Auto classes by `import retrofit`."""

@@ -1,0 +1,48 @@
+"""`apply_sleep`: the one explicit call that makes a loaded model sleep."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from retrofit.config import SleepConfig
+from retrofit.engine import SleepEngine
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper, or the model itself."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def apply_sleep(model: nn.Module, config: SleepConfig | dict[str, Any]) -> nn.Module:
+    """Retrofit sleep onto `model` in place and return it.
+
+    The config is validated against the model (loop range within its blocks), family hooks run (e.g. Ouro
+    inserts its Jet mixers), and the config is stored as `model.config.sleep_config`, so that
+    `save_pretrained` / `from_pretrained` restore the same sleeping model. Calling it again with the same
+    config changes nothing; with another config it replaces the schedule.
+    """
+    if isinstance(config, dict):
+        config = SleepConfig.from_dict(config)
+    base = _base_model(model)
+    if not hasattr(base, "get_sleep_adapter"):
+        model_type = getattr(getattr(base, "config", None), "model_type", type(base).__name__)
+        raise TypeError(
+            f"{type(base).__name__} (model_type {model_type!r}) has no sleep adapter. Load it through "
+            "AutoModelForCausalLM after `import retrofit`; supported model types: "
+            f"{', '.join(supported_model_types())}"
+        )
+    prepare = getattr(base, "prepare_for_sleep", None)
+    if callable(prepare):
+        prepare(config)
+    SleepEngine(base.get_sleep_adapter(), config)  # validates the config against the model
+    base.config.sleep_config = config.to_dict()
+    return model
+
+
+def supported_model_types() -> list[str]:
+    from retrofit.registry import MODEL_FAMILIES
+
+    return sorted(MODEL_FAMILIES)

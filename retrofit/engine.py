@@ -1,0 +1,332 @@
+"""The sleep engine: chunked wake/sleep over any model family's adapter (DESIGN.md, "Semantics").
+
+Reading guide, top to bottom:
+
+1. `SleepEngine.forward` cuts the sequence into chunks of L tokens and decides, per chunk, whether it
+   wakes (logits, loss), sleeps (N passes), or both. Only the fast state and, under sliding eviction,
+   the last L-1 wake-pass keys/values cross a chunk boundary.
+2. `_run_chunk` is one chunk: the prelude once, the loop range for the wake passes, the coda and head
+   for the logits, then the remaining sleep passes (continuing from the state and the features the wake
+   passes left), then the coda once more on the refined features.
+3. Gradient options: truncation across chunks and passes, and activation checkpointing per chunk and
+   per (chunk, pass).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from retrofit.blocks import BlockState, Chunk, KVWindow, SleepAdapter
+from retrofit.config import SleepConfig
+
+IGNORE_INDEX = -100
+
+States = list[BlockState]
+Windows = list[KVWindow | None]
+
+
+@dataclass
+class EngineOutput:
+    """Result of a chunked forward.
+
+    Attributes:
+        loss: mean next-token cross-entropy over label positions (None without labels).
+        logits: wake logits `[B, T, V]` (only when asked for; training computes logits at label
+            positions only).
+        states: each block's fast state after the last chunk (and its sleep, if one ran).
+        windows: each attention block's retained KV window after the last chunk.
+        num_label_tokens: how many positions the loss averages over.
+    """
+
+    loss: Tensor | None
+    logits: Tensor | None
+    states: States
+    windows: Windows
+    num_label_tokens: int
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one chunk does: wake logits, a sleep, and which positions need logits."""
+
+    logits: bool
+    sleep: bool
+    all_logits: bool
+
+
+def sequence_positions(valid: Tensor, mode: str, window: int) -> Tensor:
+    """RoPE position ids `[B, T]` that count real tokens only (padding does not advance them).
+
+    `global` counts from the start of the sequence; `chunk` restarts at each chunk of `window` tokens.
+    """
+    if mode == "global":
+        return (valid.long().cumsum(-1) - 1).clamp(min=0)
+    batch, length = valid.shape
+    pad = (-length) % window
+    grouped = F.pad(valid.long(), (0, pad)).view(batch, -1, window)
+    return (grouped.cumsum(-1) - 1).clamp(min=0).view(batch, -1)[:, :length]
+
+
+def next_token_targets(labels: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Targets aligned with logits: position t predicts `labels[t + 1]` (HF causal-LM convention).
+
+    A padded position predicts nothing, so padding before an example never adds a loss term.
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return targets if valid is None else targets.masked_fill(~valid, IGNORE_INDEX)
+
+
+def _detach_states(states: States) -> States:
+    return [s.detach() if s is not None else None for s in states]
+
+
+def _detach_windows(windows: Windows) -> Windows:
+    return [w.detach() if w is not None else None for w in windows]
+
+
+class SleepEngine:
+    """Runs a model family's blocks under a `SleepConfig`.
+
+    The engine is stateless between calls; it holds the adapter and the config only.
+    """
+
+    def __init__(self, adapter: SleepAdapter, config: SleepConfig) -> None:
+        num_blocks = len(adapter.blocks)
+        config.check_blocks(num_blocks)
+        start, stop = config.loop_range or adapter.default_loop_range
+        self.adapter = adapter
+        self.config = config
+        self.prelude = range(0, start)
+        self.loop = range(start, stop)
+        self.coda = range(stop, num_blocks)
+        self.attention_blocks = [i for i, b in enumerate(adapter.blocks) if b.kind != "linear"]
+        self.coda_has_attention = any(i in self.coda for i in self.attention_blocks)
+        if config.eviction == "sliding" and config.wake_passes > 1:
+            raise ValueError("sleep_config: sliding eviction needs wake_passes = 1 (one wake KV per block)")
+
+    # ------------------------------------------------------------------ public API
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        *,
+        return_logits: bool = False,
+    ) -> EngineOutput:
+        """Chunked wake/sleep over `input_ids` `[B, T]`; see the module docstring."""
+        cfg = self.config
+        length = input_ids.shape[1]
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        positions = sequence_positions(valid, cfg.positions, cfg.window)
+        targets = next_token_targets(labels, valid) if labels is not None else None
+        bounds = [(s, min(s + cfg.window, length)) for s in range(0, length, cfg.window)]
+        chunk_has_loss = self._chunk_has_loss(targets, bounds)
+        padded = self._chunk_padded(valid, bounds)
+
+        states: States = [None] * len(self.adapter.blocks)
+        windows: Windows = [None] * len(self.adapter.blocks)
+        loss_sum = input_ids.new_zeros((), dtype=torch.float32)
+        logits_parts: list[Tensor] = []
+        for index, (s, e) in enumerate(bounds):
+            has_next = e < length
+            if cfg.sleep_on == "every_chunk":
+                wants_logits = return_logits or chunk_has_loss[index]
+                plan = _Plan(logits=wants_logits, sleep=has_next, all_logits=return_logits)
+            else:  # context_only: a chunk with loss tokens wakes; one without sleeps
+                wakes = chunk_has_loss[index] or not has_next
+                plan = _Plan(logits=wakes or return_logits, sleep=has_next and not wakes, all_logits=return_logits)
+            chunk = self._chunk(s, e, positions, valid, padded[index])
+            chunk_targets = targets[:, s:e] if targets is not None else None
+            part_loss, logits, states, windows = self._call_chunk(
+                input_ids[:, s:e], chunk_targets, chunk, states, windows, plan
+            )
+            if part_loss is not None:
+                loss_sum = loss_sum + part_loss
+            if logits is not None:
+                logits_parts.append(logits)
+            if cfg.truncate_chunks is not None and (index + 1) % cfg.truncate_chunks == 0:
+                states, windows = _detach_states(states), _detach_windows(windows)
+
+        num_label_tokens = int((targets != IGNORE_INDEX).sum()) if targets is not None else 0
+        loss = loss_sum / max(num_label_tokens, 1) if targets is not None else None
+        logits = torch.cat(logits_parts, dim=1) if return_logits else None
+        return EngineOutput(loss, logits, states, windows, num_label_tokens)
+
+    def sleep(
+        self,
+        input_ids: Tensor,
+        start: int,
+        positions: Tensor,
+        states: States,
+        windows: Windows,
+        valid: Tensor | None = None,
+    ) -> tuple[States, Windows]:
+        """Consolidate one chunk now: N passes from `states`, then evict. Returns the new state and windows.
+
+        `input_ids` `[B, C]` are the chunk's tokens (C <= L), `start` the index of its first token, and
+        `positions` its RoPE ids. Streaming inference calls this every L tokens, or earlier when idle.
+        """
+        if valid is None:
+            valid = torch.ones_like(input_ids, dtype=torch.bool)
+        chunk = self.chunk_for_tokens(start, positions, valid)
+        _, _, states, windows = self._call_chunk(
+            input_ids, None, chunk, states, windows, _Plan(logits=False, sleep=True, all_logits=False)
+        )
+        return states, windows
+
+    def chunk_for_tokens(self, start: int, positions: Tensor, valid: Tensor) -> Chunk:
+        """The `Chunk` description of tokens `[start, start + C)` (used by streaming decoders)."""
+        padded = not bool(valid.all())
+        return Chunk(start, positions, valid, self.adapter.rope(positions), self._eviction_window(), padded)
+
+    # ------------------------------------------------------------------ one chunk
+
+    def _call_chunk(
+        self, input_ids: Tensor, targets: Tensor | None, chunk: Chunk, states: States, windows: Windows, plan: _Plan
+    ) -> tuple[Tensor | None, Tensor | None, States, Windows]:
+        run = self._run_chunk
+        if self.config.checkpointing in ("chunk", "pass") and torch.is_grad_enabled():
+            return checkpoint(run, input_ids, targets, chunk, states, windows, plan, use_reentrant=False)
+        return run(input_ids, targets, chunk, states, windows, plan)
+
+    def _run_chunk(
+        self, input_ids: Tensor, targets: Tensor | None, chunk: Chunk, states: States, windows: Windows, plan: _Plan
+    ) -> tuple[Tensor | None, Tensor | None, States, Windows]:
+        """One chunk: wake passes (+ logits), then the rest of the sleep. Pure function of its inputs."""
+        cfg = self.config
+        new_states = list(states)
+        chunk_kv: Windows = [None] * len(states)
+
+        # Prelude (once) and the wake passes of the loop range. The first loop pass is shared by wake
+        # and sleep; its keys/values are the wake KV that sliding eviction retains.
+        h = self.adapter.embed(input_ids)
+        h = self._run_blocks(self.prelude, h, new_states, windows, chunk, chunk_kv)
+        for p in range(cfg.wake_passes):
+            h = self._pass(h, new_states, windows, chunk, chunk_kv if p == 0 else None)
+
+        need_wake_coda = plan.logits or not plan.sleep or (cfg.eviction == "sliding" and self.coda_has_attention)
+        loss_sum, logits, wake_coda_states = None, None, None
+        if need_wake_coda:
+            wake_coda_states = list(states)
+            h_out = self._run_blocks(self.coda, h, wake_coda_states, windows, chunk, chunk_kv)
+            if plan.logits:
+                loss_sum, logits = self._head(h_out, targets, plan.all_logits)
+
+        if plan.sleep:
+            h = self._sleep_passes(h, new_states, windows, chunk)
+            if cfg.passes > cfg.wake_passes or wake_coda_states is None:
+                self._run_blocks(self.coda, h, new_states, windows, chunk, None)
+            else:
+                self._take(self.coda, new_states, wake_coda_states)
+        else:
+            self._take(self.coda, new_states, wake_coda_states)
+        return loss_sum, logits, new_states, self._evict(windows, chunk_kv)
+
+    def _sleep_passes(self, h: Tensor, states: States, windows: Windows, chunk: Chunk) -> Tensor:
+        """Loop passes `wake_passes .. N-1`: h is fed forward, S continues; `grad_passes` truncates."""
+        cfg = self.config
+        first_with_grad = cfg.passes - cfg.grad_passes if cfg.grad_passes is not None else 0
+        for p in range(cfg.wake_passes, cfg.passes):
+            if p == first_with_grad:
+                h = h.detach()
+                for i in self.loop:
+                    states[i] = states[i].detach() if states[i] is not None else None
+            grad = contextlib.nullcontext() if p >= first_with_grad else torch.no_grad()
+            with grad:
+                h = self._pass(h, states, windows, chunk, None)
+        return h
+
+    def _pass(self, h: Tensor, states: States, windows: Windows, chunk: Chunk, chunk_kv: Windows | None) -> Tensor:
+        """One pass of the loop range, checkpointed as a unit under `checkpointing: pass`."""
+        if self.config.checkpointing == "pass" and torch.is_grad_enabled():
+            loop_states = [states[i] for i in self.loop]
+            h, loop_states, loop_kv = checkpoint(self._loop_pass, h, loop_states, windows, chunk, use_reentrant=False)
+        else:
+            h, loop_states, loop_kv = self._loop_pass(h, [states[i] for i in self.loop], windows, chunk)
+        for offset, i in enumerate(self.loop):
+            states[i] = loop_states[offset]
+            if chunk_kv is not None:
+                chunk_kv[i] = loop_kv[offset]
+        return h
+
+    def _loop_pass(
+        self, h: Tensor, loop_states: list[BlockState], windows: Windows, chunk: Chunk
+    ) -> tuple[Tensor, list[BlockState], Windows]:
+        states: States = [None] * len(self.adapter.blocks)
+        kv: Windows = [None] * len(self.adapter.blocks)
+        for offset, i in enumerate(self.loop):
+            states[i] = loop_states[offset]
+        h = self._run_blocks(self.loop, h, states, windows, chunk, kv)
+        return h, [states[i] for i in self.loop], [kv[i] for i in self.loop]
+
+    def _run_blocks(
+        self, indices: range, h: Tensor, states: States, windows: Windows, chunk: Chunk, chunk_kv: Windows | None
+    ) -> Tensor:
+        """Run blocks `indices` in order, updating `states` in place and recording their chunk KV."""
+        for i in indices:
+            h, states[i], kv = self.adapter.blocks[i](h, states[i], windows[i], chunk)
+            if chunk_kv is not None:
+                chunk_kv[i] = kv
+        return h
+
+    def _head(self, h: Tensor, targets: Tensor | None, all_logits: bool) -> tuple[Tensor | None, Tensor | None]:
+        """Summed cross-entropy over label positions, and logits when asked for.
+
+        Without `all_logits`, the head runs on label positions only: for a large vocabulary and few
+        supervised tokens per chunk, that is most of the head's memory and time saved.
+        """
+        if all_logits:
+            logits = self.adapter.head(h)
+            if targets is None:
+                return None, logits
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+            return loss, logits
+        if targets is None:
+            return None, None
+        selected = targets != IGNORE_INDEX
+        logits = self.adapter.head(h[selected])
+        return F.cross_entropy(logits.float(), targets[selected], reduction="sum"), None
+
+    # ------------------------------------------------------------------ helpers
+
+    def _evict(self, windows: Windows, chunk_kv: Windows) -> Windows:
+        """Hard eviction drops every window; sliding keeps the last L-1 wake-pass tokens."""
+        if self.config.eviction == "hard":
+            return [None] * len(windows)
+        keep = self.config.window - 1
+        out: Windows = [None] * len(windows)
+        for i in self.attention_blocks:
+            kv = chunk_kv[i] if windows[i] is None else windows[i].extend(chunk_kv[i])
+            out[i] = kv.last(keep)
+        return out
+
+    def _take(self, indices: range, states: States, source: States) -> None:
+        for i in indices:
+            states[i] = source[i]
+
+    def _eviction_window(self) -> int | None:
+        return self.config.window if self.config.eviction == "sliding" else None
+
+    def _chunk(self, s: int, e: int, positions: Tensor, valid: Tensor, padded: bool) -> Chunk:
+        chunk_positions = positions[:, s:e]
+        rope = self.adapter.rope(chunk_positions)
+        return Chunk(s, chunk_positions, valid[:, s:e], rope, self._eviction_window(), padded)
+
+    @staticmethod
+    def _chunk_has_loss(targets: Tensor | None, bounds: Sequence[tuple[int, int]]) -> list[bool]:
+        if targets is None:
+            return [False] * len(bounds)
+        supervised = targets != IGNORE_INDEX
+        return torch.stack([supervised[:, s:e].any() for s, e in bounds]).tolist()
+
+    @staticmethod
+    def _chunk_padded(valid: Tensor, bounds: Sequence[tuple[int, int]]) -> list[bool]:
+        return torch.stack([~valid[:, s:e].all() for s, e in bounds]).tolist()

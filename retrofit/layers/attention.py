@@ -1,0 +1,80 @@
+"""Softmax attention over a chunk plus a retained KV window, through torch SDPA."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from retrofit.blocks import Chunk, KVWindow
+from retrofit.layers.rope import apply_rotary
+
+
+def attention_mask(keys: KVWindow, chunk: Chunk, window: int | None) -> Tensor:
+    """Boolean mask `[B, 1, C, R]`: causal, within `window` tokens, never onto padding.
+
+    Every query may attend to itself, so padded queries get a finite (ignored) output instead of NaN.
+    """
+    device = chunk.valid.device
+    query_index = chunk.start + torch.arange(chunk.valid.shape[1], device=device)
+    key_index = keys.start + torch.arange(keys.length, device=device)
+    distance = query_index[:, None] - key_index[None, :]
+    allowed = distance >= 0
+    if window is not None:
+        allowed = allowed & (distance < window)
+    allowed = (allowed[None] & keys.valid[:, None, :]) | (distance == 0)[None]
+    return allowed[:, None]
+
+
+def _min_window(*windows: int | None) -> int | None:
+    present = [w for w in windows if w is not None]
+    return min(present) if present else None
+
+
+class Attention(nn.Module):
+    """Multi-head (grouped-query) attention with RoPE; `window` makes it a sliding-window layer.
+
+    Keys and values of earlier tokens arrive as a `KVWindow`; the chunk's own keys and values are
+    returned so the engine can retain them (sliding eviction) or drop them (hard eviction).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        qkv_bias: bool = False,
+        window: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.window = window
+        self.kind = "sliding" if window is not None else "attention"
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+
+    def forward(self, x: Tensor, state: None, kv: KVWindow | None, chunk: Chunk) -> tuple[Tensor, None, KVWindow]:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = chunk.rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        own = KVWindow(k, v, chunk.valid, chunk.start)
+        keys = own if kv is None else kv.extend(own)
+        window = _min_window(self.window, chunk.window)
+        plain_causal = kv is None and not chunk.padded and (window is None or window >= length)
+        mask = None if plain_causal else attention_mask(keys, chunk, window)
+        out = F.scaled_dot_product_attention(
+            q,
+            keys.keys,
+            keys.values,
+            attn_mask=mask,
+            is_causal=plain_causal,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1)), None, own

@@ -1,0 +1,33 @@
+"""A pre-norm residual block: mixer (attention or linear) and, optionally, an MLP."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from retrofit.blocks import BlockState, Chunk, KVWindow
+from retrofit.layers.norm import RMSNorm
+
+
+class DecoderLayer(nn.Module):
+    """`h + mixer(norm(h))`, then `h + mlp(norm(h))` when an MLP is given (Qwen2 parameter names)."""
+
+    def __init__(self, mixer: nn.Module, hidden_size: int, mlp: nn.Module | None, eps: float) -> None:
+        super().__init__()
+        self.self_attn = mixer
+        self.input_layernorm = RMSNorm(hidden_size, eps)
+        self.mlp = mlp
+        if mlp is not None:
+            self.post_attention_layernorm = RMSNorm(hidden_size, eps)
+
+    @property
+    def kind(self) -> str:
+        return self.self_attn.kind
+
+    def forward(
+        self, h: Tensor, state: BlockState, kv: KVWindow | None, chunk: Chunk
+    ) -> tuple[Tensor, BlockState, KVWindow | None]:
+        out, state, kv_out = self.self_attn(self.input_layernorm(h), state, kv, chunk)
+        h = h + out
+        if self.mlp is not None:
+            h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, state, kv_out

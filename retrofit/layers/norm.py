@@ -1,0 +1,35 @@
+"""Normalisation modules."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from retrofit.ops import gated_rms_norm
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 and returned in the input dtype (as Qwen2 does)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """Per-head RMSNorm times swish(gate): the output norm of gated delta-rule mixers (`o_norm`)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: Tensor, gate: Tensor) -> Tensor:
+        return gated_rms_norm(x, gate, self.weight, self.eps)

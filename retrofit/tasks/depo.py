@@ -1,0 +1,111 @@
+"""Depo (paper §6.2; Physics of LMs Part 4.1): k-hop queries on a shuffled directed cycle, asked after it is evicted.
+
+Layout (L = 75, T = 300 + 4 * num_queries = 340 by default):
+- positions 0..299, the context (4 windows): left padding (`<pad>`, attention_mask 0), then the n edges of a directed
+  cycle in shuffled order, 4 tokens each: `src -> dst ,`. n <= 75 nodes fill at most 300 tokens.
+- positions 300.., the 5th window: `num_queries` QAs of 4 tokens each: `? h{k} start answer`, with the loss on `answer`
+  only (answer = the node k edges after `start`). Each QA opens with the separator `?`, so the first one sits at the
+  chunk start (position 300) and every answer's context (hop and start tokens) lies in the prediction chunk.
+Node names are single tokens `n0`..`n99`, sampled without replacement per example. Training draws k ~ U[1, max_hops]
+for each query; an example's difficulty is its largest k. Eval examples use one k for all queries (difficulty = k).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, ClassVar
+
+from transformers import PreTrainedTokenizerFast
+
+from .base import IGNORE_INDEX, Example, FrozenEval, Task
+from .tokenizer import build_word_tokenizer
+
+WINDOW = 75
+CONTEXT_LEN = 4 * WINDOW
+EDGE_LEN = 4
+QA_LEN = 4
+NUM_NODE_TOKENS = 100
+MAX_HOPS = 32
+ARROW, EDGE_SEP, QUERY_SEP = "->", ",", "?"
+
+
+def node_token(node: int) -> str:
+    """The token of node `node` (0..99)."""
+    return f"n{node}"
+
+
+def hop_token(hops: int) -> str:
+    """The token of a hop count k (1..32)."""
+    return f"h{hops}"
+
+
+class DepoTask(Task):
+    """Depo k-hop traversal; difficulty = k (the largest k of the example's queries in training)."""
+
+    name: ClassVar[str] = "depo"
+    frozen_eval: ClassVar[FrozenEval] = FrozenEval(num_per_difficulty=128)
+    window = WINDOW
+
+    def __init__(self, *, min_nodes: int = 3, max_nodes: int = 75, max_hops: int = 16, num_queries: int = 10) -> None:
+        """Cycles have n ~ U[min_nodes, max_nodes] nodes; training hops k ~ U[1, max_hops]; `num_queries` QAs."""
+        if not 2 <= min_nodes <= max_nodes <= CONTEXT_LEN // EDGE_LEN:
+            raise ValueError(f"depo needs 2 <= min_nodes <= max_nodes <= 75, got {min_nodes}, {max_nodes}")
+        if not 1 <= max_hops <= MAX_HOPS:
+            raise ValueError(f"depo max_hops must be in [1, {MAX_HOPS}], got {max_hops}")
+        if not 1 <= num_queries <= WINDOW // QA_LEN:
+            raise ValueError(
+                f"depo num_queries must be in [1, {WINDOW // QA_LEN}] to fit one window, got {num_queries}"
+            )
+        self.min_nodes, self.max_nodes, self.max_hops, self.num_queries = min_nodes, max_nodes, max_hops, num_queries
+        words = [ARROW, EDGE_SEP, QUERY_SEP]
+        words += [node_token(i) for i in range(NUM_NODE_TOKENS)] + [hop_token(k) for k in range(1, MAX_HOPS + 1)]
+        self._tokenizer = build_word_tokenizer(words)
+        self._vocab = self._tokenizer.get_vocab()
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerFast:
+        return self._tokenizer
+
+    @property
+    def seq_len(self) -> int:
+        return CONTEXT_LEN + QA_LEN * self.num_queries
+
+    @property
+    def eval_difficulties(self) -> list[int]:
+        """Powers of two up to `max_hops`, plus `max_hops` itself (1, 2, 4, 8, 16 by default)."""
+        buckets = [1 << i for i in range(MAX_HOPS.bit_length()) if 1 << i <= self.max_hops]
+        return sorted({*buckets, self.max_hops})
+
+    def sample(self, rng: random.Random, difficulty: int | None = None) -> dict[str, Any]:
+        if difficulty is not None and not 1 <= difficulty <= MAX_HOPS:
+            raise ValueError(f"depo hops must be in [1, {MAX_HOPS}], got {difficulty}")
+        n = rng.randint(self.min_nodes, self.max_nodes)
+        cycle = rng.sample(range(NUM_NODE_TOKENS), n)  # cycle[i] -> cycle[i + 1]
+        edges = [[cycle[i], cycle[(i + 1) % n]] for i in range(n)]
+        rng.shuffle(edges)
+        queries = []
+        for _ in range(self.num_queries):
+            hops = rng.randint(1, self.max_hops) if difficulty is None else difficulty
+            start = rng.randrange(n)
+            queries.append([hops, cycle[start], cycle[(start + hops) % n]])
+        return {"difficulty": max(q[0] for q in queries), "edges": edges, "queries": queries}
+
+    def encode(self, record: dict[str, Any]) -> Example:
+        vocab = self._vocab
+        arrow, edge_sep, query_sep = vocab[ARROW], vocab[EDGE_SEP], vocab[QUERY_SEP]
+        context = []
+        for src, dst in record["edges"]:
+            context += [vocab[node_token(src)], arrow, vocab[node_token(dst)], edge_sep]
+        num_pad = CONTEXT_LEN - len(context)
+        input_ids = [self._tokenizer.pad_token_id] * num_pad + context
+        labels = [IGNORE_INDEX] * CONTEXT_LEN
+        for hops, start, answer in record["queries"]:
+            qa = [query_sep, vocab[hop_token(hops)], vocab[node_token(start)], vocab[node_token(answer)]]
+            input_ids += qa
+            labels += [IGNORE_INDEX] * (QA_LEN - 1) + qa[-1:]
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": [0] * num_pad + [1] * (len(input_ids) - num_pad),
+            "difficulty": record["difficulty"],
+        }

@@ -1,0 +1,103 @@
+"""Shared test helpers: tiny random models and an independent token-by-token streaming reference."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers import AutoModelForCausalLM
+
+import retrofit
+from model_patches.hybrid import SleepHybridConfig
+from retrofit.blocks import KVWindow
+from retrofit.engine import SleepEngine, sequence_positions
+
+RULE110_PATTERN = ("full_attention", "linear_attention", "full_attention", "linear_attention")
+
+
+def tiny_hybrid(
+    layer_types: tuple[str, ...] = RULE110_PATTERN,
+    *,
+    vocab_size: int = 19,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    mild_decay: bool = False,
+    **overrides,
+) -> torch.nn.Module:
+    """A random hybrid small enough for exact float64 comparisons on CPU.
+
+    It uses GQA attention (2 heads, 1 KV head) and GVA linear attention (2 q/k heads, 4 v heads).
+    `mild_decay` makes the gated delta rule forget slowly, so gradients survive several chunks.
+    """
+    assert retrofit.__version__
+    torch.manual_seed(seed)
+    config = SleepHybridConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=len(layer_types),
+        layer_types=list(layer_types),
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        linear_num_heads=2,
+        linear_head_dim=8,
+        linear_num_v_heads=4,
+        linear_head_v_dim=8,
+        sliding_window=overrides.pop("sliding_window", 5),
+        **overrides,
+    )
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    if mild_decay:
+        with torch.no_grad():
+            for module in model.modules():
+                if hasattr(module, "A_log"):
+                    module.A_log.fill_(-4.0)
+    return model.eval()
+
+
+def random_batch(batch: int, length: int, vocab: int, seed: int = 1) -> tuple[Tensor, Tensor]:
+    """Token ids and labels on every position."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, length), generator=generator)
+    return ids, ids.clone()
+
+
+def stream_wake_logits(engine: SleepEngine, input_ids: Tensor, valid: Tensor | None = None) -> tuple[Tensor, list]:
+    """Wake logits computed one token at a time, as streaming inference does, sleeping every L tokens.
+
+    Each token runs every block once with the fast states and the KV of the tokens before it (the retained
+    window plus the earlier tokens of its chunk). Returns the logits and, per chunk, the token-by-token
+    states and KV windows reached at the chunk's end (before its sleep).
+    """
+    cfg, adapter = engine.config, engine.adapter
+    length = input_ids.shape[1]
+    if valid is None:
+        valid = torch.ones_like(input_ids, dtype=torch.bool)
+    positions = sequence_positions(valid, cfg.positions, cfg.window)
+    num_blocks = len(adapter.blocks)
+    states, windows = [None] * num_blocks, [None] * num_blocks
+    logits, chunk_ends = [], []
+    for s in range(0, length, cfg.window):
+        e = min(s + cfg.window, length)
+        token_states = list(states)
+        chunk_kv: list[KVWindow | None] = [None] * num_blocks
+        for t in range(s, e):
+            chunk = engine.chunk_for_tokens(t, positions[:, t : t + 1], valid[:, t : t + 1])
+            h = adapter.embed(input_ids[:, t : t + 1])
+            for i, block in enumerate(adapter.blocks):
+                kv = _join(windows[i], chunk_kv[i])
+                h, token_states[i], own = block(h, token_states[i], kv, chunk)
+                if own is not None:
+                    chunk_kv[i] = _join(chunk_kv[i], own)
+            logits.append(adapter.head(h))
+        chunk_ends.append((token_states, chunk_kv))
+        if e < length:
+            states, windows = engine.sleep(input_ids[:, s:e], s, positions[:, s:e], states, windows, valid[:, s:e])
+    return torch.cat(logits, dim=1), chunk_ends
+
+
+def _join(first: KVWindow | None, second: KVWindow | None) -> KVWindow | None:
+    if first is None:
+        return second
+    if second is None:
+        return first
+    return first.extend(second)

@@ -1,0 +1,344 @@
+"""The sleep engine against DESIGN.md's semantics, on tiny float64 hybrids (exact comparisons)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from retrofit import SleepConfig, SleepEngine, apply_sleep
+from retrofit.blocks import LinearState
+from retrofit.engine import sequence_positions
+from tests.helpers import random_batch, stream_wake_logits, tiny_hybrid
+
+ALL_KINDS = ("full_attention", "linear_attention", "sliding_attention", "linear_attention", "full_attention")
+
+
+def engine_for(model, **config) -> SleepEngine:
+    return SleepEngine(model.get_sleep_adapter(), SleepConfig(**config))
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-10) -> bool:
+    return torch.allclose(a, b, rtol=tol, atol=tol)
+
+
+def flat_states(states) -> list[torch.Tensor]:
+    out = []
+    for s in states:
+        if isinstance(s, LinearState):
+            out.extend([s.recurrent, *s.conv])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- N = 1
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+def test_one_pass_with_window_over_sequence_equals_plain_forward(eviction):
+    model = tiny_hybrid(ALL_KINDS)
+    ids, labels = random_batch(2, 23, model.config.vocab_size)
+    plain = model(ids, labels=labels)
+    out = engine_for(model, window=23, passes=1, eviction=eviction).forward(ids, labels=labels, return_logits=True)
+    assert close(out.logits, plain.logits)
+    assert close(out.loss, plain.loss)
+
+
+def test_head_at_label_positions_only_gives_the_same_loss():
+    model = tiny_hybrid()
+    ids, labels = random_batch(2, 30, model.config.vocab_size)
+    labels[:, :20] = -100
+    engine = engine_for(model, window=7, passes=2)
+    assert close(engine.forward(ids, labels=labels).loss, engine.forward(ids, labels=labels, return_logits=True).loss)
+
+
+def test_context_only_equals_every_chunk_with_one_pass():
+    model = tiny_hybrid(mild_decay=True)
+    ids, labels = random_batch(2, 30, model.config.vocab_size)
+    labels[:, :22] = -100  # loss only in the last chunks
+    grads = []
+    for mode in ("every_chunk", "context_only"):
+        model.zero_grad()
+        loss = engine_for(model, window=8, passes=1, sleep_on=mode).forward(ids, labels=labels).loss
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    assert close(grads[0][0], grads[1][0])
+    assert len(grads[0][1]) == len(grads[1][1])
+    assert all(close(a, b) for a, b in zip(grads[0][1], grads[1][1], strict=True))
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+@pytest.mark.parametrize("passes,loop_range", [(1, None), (3, None), (2, (1, 4))])
+def test_wake_logits_equal_token_by_token_streaming(eviction, passes, loop_range):
+    model = tiny_hybrid(ALL_KINDS)
+    engine = engine_for(model, window=6, passes=passes, eviction=eviction, loop_range=loop_range)
+    ids, _ = random_batch(2, 20, model.config.vocab_size)
+    with torch.no_grad():
+        batched = engine.forward(ids, return_logits=True)
+        streamed, chunk_ends = stream_wake_logits(engine, ids)
+    assert close(batched.logits, streamed)
+    if passes == 1:  # a one-pass sleep leaves exactly the streaming wake state and KV
+        token_states, _ = chunk_ends[-1]
+        assert all(close(a, b) for a, b in zip(flat_states(batched.states), flat_states(token_states), strict=True))
+
+
+def test_chunk_positions_restart_rope_and_still_stream():
+    assert sequence_positions(torch.ones(1, 12, dtype=torch.bool), "chunk", 5).tolist() == [
+        [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1]
+    ]
+    model = tiny_hybrid()
+    ids, _ = random_batch(1, 12, model.config.vocab_size)
+    logits = {}
+    with torch.no_grad():
+        for eviction in ("hard", "sliding"):
+            for positions in ("global", "chunk"):
+                engine = engine_for(model, window=5, passes=2, positions=positions, eviction=eviction)
+                logits[eviction, positions] = engine.forward(ids, return_logits=True).logits
+                assert close(logits[eviction, positions], stream_wake_logits(engine, ids)[0])
+    # RoPE is relative: inside one chunk the offset cancels; across a retained window it does not.
+    assert close(logits["hard", "global"], logits["hard", "chunk"], 1e-9)
+    assert not close(logits["sliding", "global"][:, 5:], logits["sliding", "chunk"][:, 5:], 1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- sleep
+
+
+def test_sleep_changes_the_state_and_the_next_chunk():
+    model = tiny_hybrid()
+    ids, _ = random_batch(2, 8, model.config.vocab_size)
+    positions = sequence_positions(torch.ones_like(ids, dtype=torch.bool), "global", 8)
+    empty = [None] * 4
+    with torch.no_grad():
+        wake_states, _ = engine_for(model, window=8, passes=1).sleep(ids, 0, positions, empty, empty)
+        slept_states, _ = engine_for(model, window=8, passes=3).sleep(ids, 0, positions, empty, empty)
+    for wake, slept in zip(flat_states(wake_states), flat_states(slept_states), strict=True):
+        assert not close(wake, slept, 1e-6)
+    ids2, _ = random_batch(2, 16, model.config.vocab_size)
+    with torch.no_grad():
+        one = engine_for(model, window=8, passes=1).forward(ids2, return_logits=True).logits
+        three = engine_for(model, window=8, passes=3).forward(ids2, return_logits=True).logits
+    assert close(one[:, :8], three[:, :8])  # the first chunk's wake is before any sleep
+    assert not close(one[:, 8:], three[:, 8:], 1e-6)
+
+
+@pytest.mark.parametrize("loop_range", [None, (1, 4)])
+def test_sleep_matches_algorithm_1_written_out(loop_range):
+    """Prelude once; the loop N times, feeding h forward and carrying S; the coda once on the refined h."""
+    model = tiny_hybrid(ALL_KINDS)
+    passes, window = 3, 6
+    ids, _ = random_batch(2, 2 * window, model.config.vocab_size)
+    engine = engine_for(model, window=window, passes=passes, loop_range=loop_range)
+    adapter = engine.adapter
+    start, stop = loop_range or (0, 5)
+    first = engine.chunk_for_tokens(0, torch.arange(window).expand(2, -1), torch.ones(2, window, dtype=torch.bool))
+    with torch.no_grad():
+        states = [None] * 5
+        h = adapter.embed(ids[:, :window])
+        for i in range(start):
+            h, states[i], _ = adapter.blocks[i](h, states[i], None, first)
+        for _ in range(passes):
+            for i in range(start, stop):
+                h, states[i], _ = adapter.blocks[i](h, states[i], None, first)
+        for i in range(stop, 5):
+            h, states[i], _ = adapter.blocks[i](h, states[i], None, first)
+        # The second chunk's wake from the slept state gives its logits.
+        second = engine.chunk_for_tokens(
+            window, torch.arange(window, 2 * window).expand(2, -1), torch.ones(2, window, dtype=torch.bool)
+        )
+        h = adapter.embed(ids[:, window:])
+        for i in range(5):
+            h, states[i], _ = adapter.blocks[i](h, states[i], None, second)
+        expected = adapter.head(h)
+        actual = engine.forward(ids, return_logits=True).logits[:, window:]
+    assert close(actual, expected)
+
+
+def test_first_sleep_pass_reuses_the_wake_pass():
+    """N passes cost N loop passes per sleeping chunk, not N + 1: count block calls."""
+    model = tiny_hybrid()
+    calls = {"n": 0}
+    hook = model.model.layers[0].register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    ids, labels = random_batch(1, 12, model.config.vocab_size)
+    with torch.no_grad():
+        engine_for(model, window=4, passes=3).forward(ids, labels=labels)
+    hook.remove()
+    assert calls["n"] == 3 + 3 + 1  # two sleeping chunks of 3 passes, and the last chunk's wake
+
+
+class RecordingAdapter:
+    """Wraps an adapter, keeping each chunk's embeddings (with grad) and the KV lengths blocks see."""
+
+    def __init__(self, adapter):
+        self.inner = adapter
+        self.blocks = [RecordingBlock(b, self) for b in adapter.blocks]
+        self.default_loop_range = adapter.default_loop_range
+        self.embeddings: list[torch.Tensor] = []
+        self.kv_lengths: list[tuple[int, int]] = []
+
+    def embed(self, ids):
+        h = self.inner.embed(ids)
+        if h.requires_grad:
+            h.retain_grad()
+        self.embeddings.append(h)
+        return h
+
+    def head(self, h):
+        return self.inner.head(h)
+
+    def rope(self, positions):
+        return self.inner.rope(positions)
+
+
+class RecordingBlock:
+    def __init__(self, block, owner):
+        self.block, self.owner, self.kind = block, owner, block.kind
+
+    def __call__(self, h, state, kv, chunk):
+        if self.kind != "linear":
+            self.owner.kv_lengths.append((kv.length if kv is not None else 0, h.shape[1]))
+        return self.block(h, state, kv, chunk)
+
+
+def first_chunk_embedding_grad(model, **config) -> torch.Tensor | None:
+    adapter = RecordingAdapter(model.get_sleep_adapter())
+    engine = SleepEngine(adapter, SleepConfig(**config))
+    ids, labels = random_batch(2, 18, model.config.vocab_size)
+    labels[:, :13] = -100  # loss only on the last chunk
+    engine.forward(ids, labels=labels).loss.backward()
+    return adapter.embeddings[0].grad
+
+
+def test_gradient_reaches_the_first_chunk_through_the_state():
+    grad = first_chunk_embedding_grad(tiny_hybrid(mild_decay=True), window=6, passes=3)
+    assert grad is not None and grad.abs().sum() > 1e-8
+
+
+@pytest.mark.parametrize("truncation", [{"truncate_chunks": 1}, {"grad_passes": 1}])
+def test_truncation_stops_the_gradient(truncation):
+    grad = first_chunk_embedding_grad(tiny_hybrid(mild_decay=True), window=6, passes=3, **truncation)
+    assert grad is None or grad.abs().sum() == 0
+
+
+def test_grad_passes_keeps_the_gradient_of_the_last_passes():
+    model = tiny_hybrid(mild_decay=True)
+    ids, labels = random_batch(2, 12, model.config.vocab_size)
+    labels[:, :7] = -100
+    engine_for(model, window=6, passes=3, grad_passes=2).forward(ids, labels=labels).loss.backward()
+    a_log = model.model.layers[1].self_attn.A_log
+    assert a_log.grad is not None and a_log.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+
+@pytest.mark.parametrize("eviction,bound", [("hard", lambda L: (0, L)), ("sliding", lambda L: (L - 1, L))])
+def test_kv_never_exceeds_the_window(eviction, bound):
+    model = tiny_hybrid(ALL_KINDS)
+    window = 4
+    adapter = RecordingAdapter(model.get_sleep_adapter())
+    engine = SleepEngine(adapter, SleepConfig(window=window, passes=2, eviction=eviction))
+    ids, _ = random_batch(1, 10 * window + 3, model.config.vocab_size)
+    with torch.no_grad():
+        out = engine.forward(ids)
+    retained_max, chunk_max = bound(window)
+    assert adapter.kv_lengths
+    assert max(r for r, _ in adapter.kv_lengths) == retained_max
+    assert max(c for _, c in adapter.kv_lengths) == chunk_max
+    kept = [w.length for w in out.windows if w is not None]
+    assert all(k <= window - 1 for k in kept) and (kept or eviction == "hard")
+
+
+# ---------------------------------------------------------------------------------------------- padding
+
+
+def pad(t: torch.Tensor, value: int, left: int, right: int) -> torch.Tensor:
+    return torch.cat([torch.full((1, left), value), t, torch.full((1, right), value)], dim=1)
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+@pytest.mark.parametrize("passes", [1, 3])
+def test_left_padding_by_whole_windows_and_right_padding_are_invisible(eviction, passes):
+    model = tiny_hybrid(ALL_KINDS)
+    window, vocab = 5, model.config.vocab_size
+    ids, labels = random_batch(1, 13, vocab)
+    engine = engine_for(model, window=window, passes=passes, eviction=eviction)
+    with torch.no_grad():
+        reference = engine.forward(ids, labels=labels).loss
+        for left, right in [(window, 0), (2 * window, 3), (0, 4)]:
+            mask = pad(torch.ones_like(ids), 0, left, right)
+            padded = engine.forward(
+                pad(ids, 3, left, right), attention_mask=mask, labels=pad(labels, -100, left, right)
+            ).loss
+            assert close(padded, reference), (left, right)
+
+
+def test_padding_inside_a_chunk_leaves_the_state_untouched():
+    """A chunk whose first tokens are padding yields the state of its real tokens alone (Depo's layout)."""
+    model = tiny_hybrid()
+    ids, _ = random_batch(1, 8, model.config.vocab_size)
+    valid = torch.tensor([[False, False, False, True, True, True, True, True]])
+    engine = engine_for(model, window=8, passes=2)
+    with torch.no_grad():
+        padded = engine.forward(ids, attention_mask=valid.long())
+        real = engine.forward(ids[:, 3:])
+    for a, b in zip(flat_states(padded.states), flat_states(real.states), strict=True):
+        assert close(a, b)
+
+
+def test_padded_and_unpadded_rows_in_one_batch():
+    model = tiny_hybrid()
+    ids, labels = random_batch(2, 12, model.config.vocab_size)
+    engine = engine_for(model, window=4, passes=2)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    labels[1, :4] = -100
+    with torch.no_grad():
+        batched = engine.forward(ids, attention_mask=mask, return_logits=True).logits
+        row0 = engine.forward(ids[:1], return_logits=True).logits
+        row1 = engine.forward(ids[1:, 4:], return_logits=True).logits
+    assert close(batched[0], row0[0])
+    assert close(batched[1, 4:], row1[0])
+
+
+# ---------------------------------------------------------------------------------------------- checkpointing
+
+
+@pytest.mark.parametrize("mode", ["pass", "chunk"])
+def test_checkpointing_gives_the_same_gradients(mode):
+    model = tiny_hybrid(ALL_KINDS, mild_decay=True)
+    ids, labels = random_batch(2, 17, model.config.vocab_size)
+    results = []
+    for checkpointing in ("none", mode):
+        model.zero_grad()
+        config = dict(window=5, passes=3, eviction="sliding", loop_range=(1, 4), checkpointing=checkpointing)
+        loss = engine_for(model, **config).forward(ids, labels=labels).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    assert close(results[0][0], results[1][0])
+    assert results[0][1].keys() == results[1][1].keys()
+    assert all(close(results[0][1][n], results[1][1][n]) for n in results[0][1])
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def test_apply_sleep_round_trips_through_save_pretrained(tmp_path):
+    model = tiny_hybrid()
+    config = SleepConfig(window=6, passes=3, eviction="sliding", loop_range=(1, 3), checkpointing="pass")
+    assert apply_sleep(apply_sleep(model, config), config) is model  # idempotent
+    assert model.sleep_config == config
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    assert loaded.sleep_config == config
+    ids, _ = random_batch(2, 20, model.config.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+        plain = model.plain_forward(ids).logits
+    assert not close(model(ids).logits, plain, 1e-6)  # the sleeping forward is really different
+
+
+def test_apply_sleep_rejects_a_loop_range_outside_the_model():
+    with pytest.raises(ValueError, match="loop_range"):
+        apply_sleep(tiny_hybrid(), SleepConfig(window=4, loop_range=(0, 9)))
