@@ -25,6 +25,7 @@ from model_patches.hybrid import SleepHybridConfig, SleepHybridForCausalLM
 from retrofit import SleepConfig, apply_sleep
 
 WINDOW, LENGTH, BATCH = 24, 101, 512
+CHECKPOINTING = ("none", "chunk", "pass")
 
 
 def rule110_model(device: torch.device) -> SleepHybridForCausalLM:
@@ -91,7 +92,12 @@ def run(repeats: int) -> dict:
     for passes in (1, 2, 4):
         apply_sleep(model, SleepConfig(window=WINDOW, passes=passes, sleep_on="context_only"))
         times[passes] = step_time(model, ids, labels, repeats)
-    for checkpointing in ("none", "pass"):
+    times_pass = {}
+    for passes in (1, 4):
+        config = SleepConfig(window=WINDOW, passes=passes, sleep_on="context_only", checkpointing="pass")
+        apply_sleep(model, config)
+        times_pass[passes] = step_time(model, ids, labels, repeats)
+    for checkpointing in CHECKPOINTING:
         for passes in (1, 4, 8):
             config = SleepConfig(window=WINDOW, passes=passes, sleep_on="context_only", checkpointing=checkpointing)
             apply_sleep(model, config)
@@ -111,8 +117,9 @@ def run(repeats: int) -> dict:
         "step_seconds": {str(n): t for n, t in times.items()},
         "step_ratio_vs_n1": {str(n): times[n] / times[1] for n in times},
         "ideal_ratio_vs_n1": {str(n): ideal(n) for n in times},
+        "step_seconds_checkpointing_pass": {str(n): t for n, t in times_pass.items()},
         "peak_gib": memory,
-        "peak_ratio_n8_vs_n1": {c: memory[f"{c}/N=8"] / memory[f"{c}/N=1"] for c in ("none", "pass")},
+        "peak_ratio_n8_vs_n1": {c: memory[f"{c}/N=8"] / memory[f"{c}/N=1"] for c in CHECKPOINTING},
     }
 
 
@@ -126,8 +133,12 @@ def markdown(result: dict) -> str:
     for n, seconds in result["step_seconds"].items():
         ratio, ideal = result["step_ratio_vs_n1"][n], result["ideal_ratio_vs_n1"][n]
         lines.append(f"| {n} | {seconds * 1e3:.1f} | {ratio:.2f} | {ideal:.2f} |")
+    pass_times = result["step_seconds_checkpointing_pass"]
+    lines.append(
+        f"| checkpointing pass: N=1 {pass_times['1'] * 1e3:.1f} ms, N=4 {pass_times['4'] * 1e3:.1f} ms | | | |"
+    )
     lines += ["", "| checkpointing | N=1 (GiB) | N=4 (GiB) | N=8 (GiB) | N=8 / N=1 |", "|---|---|---|---|---|"]
-    for c in ("none", "pass"):
+    for c in CHECKPOINTING:
         peaks = [result["peak_gib"][f"{c}/N={n}"] for n in (1, 4, 8)]
         cells = " | ".join(f"{p:.2f}" for p in peaks)
         lines.append(f"| {c} | {cells} | {result['peak_ratio_n8_vs_n1'][c]:.2f} |")

@@ -38,8 +38,9 @@ class SleepConfig:
             inference does); `context_only` is the paper's Algorithm 1: chunks without loss tokens only
             sleep, chunks with loss tokens only wake.
         positions: `global` counts RoPE positions from the start of the sequence, `chunk` restarts them.
-        checkpointing: `none`; `chunk` recomputes each chunk in backward; `pass` also recomputes each
-            (chunk, pass), so activation memory is O(one pass) rather than O(N).
+        checkpointing: `none`; `chunk` recomputes each chunk in backward (memory O(N passes of one chunk));
+            `pass` recomputes each (chunk, pass) and keeps its inputs in host memory on CUDA, so GPU
+            activation memory is O(one pass), whatever N and the sequence length.
         truncate_chunks: detach the fast state every k chunks (truncated BPTT); `None` is full BPTT.
         grad_passes: backprop only through the last m loop passes of a sleep; `None` is all passes.
         wake_passes: loop passes of the wake (prediction) pass; 1 as in the paper. The wake passes are

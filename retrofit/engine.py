@@ -8,8 +8,8 @@ Reading guide, top to bottom:
 2. `_run_chunk` is one chunk: the prelude once, the loop range for the wake passes, the coda and head
    for the logits, then the remaining sleep passes (continuing from the state and the features the wake
    passes left), then the coda once more on the refined features.
-3. Gradient options: truncation across chunks and passes, and activation checkpointing per chunk and
-   per (chunk, pass).
+3. Gradient options: truncation across chunks and passes, and activation checkpointing per chunk
+   (`torch.utils.checkpoint`) or per (chunk, pass) (`retrofit.checkpoint`, inputs offloaded to the host).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from retrofit.blocks import BlockState, Chunk, KVWindow, SleepAdapter
+from retrofit.checkpoint import checkpoint_offloaded
 from retrofit.config import SleepConfig
 
 IGNORE_INDEX = -100
@@ -193,7 +194,7 @@ class SleepEngine:
         self, input_ids: Tensor, targets: Tensor | None, chunk: Chunk, states: States, windows: Windows, plan: _Plan
     ) -> tuple[Tensor | None, Tensor | None, States, Windows]:
         run = self._run_chunk
-        if self.config.checkpointing in ("chunk", "pass") and torch.is_grad_enabled():
+        if self.config.checkpointing == "chunk" and torch.is_grad_enabled():
             return checkpoint(run, input_ids, targets, chunk, states, windows, plan, use_reentrant=False)
         return run(input_ids, targets, chunk, states, windows, plan)
 
@@ -245,12 +246,14 @@ class SleepEngine:
         return h
 
     def _pass(self, h: Tensor, states: States, windows: Windows, chunk: Chunk, chunk_kv: Windows | None) -> Tensor:
-        """One pass of the loop range, checkpointed as a unit under `checkpointing: pass`."""
+        """One pass of the loop range; under `checkpointing: pass` it is recomputed in backward and its
+        inputs wait in host memory, so GPU memory does not grow with N (see `retrofit.checkpoint`)."""
+        loop_states = [states[i] for i in self.loop]
+        loop_windows = [windows[i] for i in self.loop]
         if self.config.checkpointing == "pass" and torch.is_grad_enabled():
-            loop_states = [states[i] for i in self.loop]
-            h, loop_states, loop_kv = checkpoint(self._loop_pass, h, loop_states, windows, chunk, use_reentrant=False)
+            h, loop_states, loop_kv = checkpoint_offloaded(self._loop_pass, h, loop_states, loop_windows, chunk)
         else:
-            h, loop_states, loop_kv = self._loop_pass(h, [states[i] for i in self.loop], windows, chunk)
+            h, loop_states, loop_kv = self._loop_pass(h, loop_states, loop_windows, chunk)
         for offset, i in enumerate(self.loop):
             states[i] = loop_states[offset]
             if chunk_kv is not None:
@@ -258,12 +261,13 @@ class SleepEngine:
         return h
 
     def _loop_pass(
-        self, h: Tensor, loop_states: list[BlockState], windows: Windows, chunk: Chunk
+        self, h: Tensor, loop_states: list[BlockState], loop_windows: Windows, chunk: Chunk
     ) -> tuple[Tensor, list[BlockState], Windows]:
         states: States = [None] * len(self.adapter.blocks)
+        windows: Windows = [None] * len(self.adapter.blocks)
         kv: Windows = [None] * len(self.adapter.blocks)
         for offset, i in enumerate(self.loop):
-            states[i] = loop_states[offset]
+            states[i], windows[i] = loop_states[offset], loop_windows[offset]
         h = self._run_blocks(self.loop, h, states, windows, chunk, kv)
         return h, [states[i] for i in self.loop], [kv[i] for i in self.loop]
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 
 from model_patches.hybrid import SleepHybridConfig, SleepHybridForCausalLM
+from model_patches.jet_nemotron import JetNemotronConfig, JetNemotronForCausalLM
 
 MODEL_FAMILIES: dict[str, tuple[type[PreTrainedConfig], type[PreTrainedModel]]] = {
     "sleep_hybrid": (SleepHybridConfig, SleepHybridForCausalLM),
+    "jet_nemotron": (JetNemotronConfig, JetNemotronForCausalLM),
 }
 
 

@@ -32,7 +32,7 @@ def grads(outputs: list[torch.Tensor], upstream: list[torch.Tensor], leaves: lis
     return list(torch.autograd.grad(loss, leaves))
 
 
-def gdr_inputs(B, T, H, HV, K, V, *, dtype, l2norm, g_zero, seed=0):
+def gdr_inputs(B, T, H, HV, K, V, *, dtype, qk_l2norm, g_zero, seed=0):
     """Random GDN inputs as leaves requiring grad (pre-normalised k unless the op normalises it itself)."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -42,7 +42,7 @@ def gdr_inputs(B, T, H, HV, K, V, *, dtype, l2norm, g_zero, seed=0):
     k = randn(B, T, H, K)
     tensors = {
         "q": randn(B, T, H, K),
-        "k": k if l2norm else F.normalize(k, dim=-1),
+        "k": k if qk_l2norm else F.normalize(k, dim=-1),
         "v": randn(B, T, HV, V),
         "g": torch.zeros(B, T, HV, dtype=torch.float64) if g_zero else F.logsigmoid(randn(B, T, HV)) * 0.1,
         "beta": torch.sigmoid(randn(B, T, HV)),
@@ -69,12 +69,12 @@ GDR_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("B", "T", "H", "HV", "K", "V", "chunk_size", "l2norm", "g_zero", "dtype"), GDR_CASES)
-def test_gated_delta_rule_matches_naive(B, T, H, HV, K, V, chunk_size, l2norm, g_zero, dtype):
-    inputs = gdr_inputs(B, T, H, HV, K, V, dtype=dtype, l2norm=l2norm, g_zero=g_zero)
+@pytest.mark.parametrize(("B", "T", "H", "HV", "K", "V", "chunk_size", "qk_l2norm", "g_zero", "dtype"), GDR_CASES)
+def test_gated_delta_rule_matches_naive(B, T, H, HV, K, V, chunk_size, qk_l2norm, g_zero, dtype):
+    inputs = gdr_inputs(B, T, H, HV, K, V, dtype=dtype, qk_l2norm=qk_l2norm, g_zero=g_zero)
     ref_inputs = as_f64_leaves(inputs)
-    o, final = gated_delta_rule(**inputs, output_final_state=True, use_qk_l2norm=l2norm, chunk_size=chunk_size)
-    o_ref, final_ref = naive_gated_delta_rule(**ref_inputs, use_qk_l2norm=l2norm)
+    o, final = gated_delta_rule(**inputs, output_final_state=True, use_qk_l2norm=qk_l2norm, chunk_size=chunk_size)
+    o_ref, final_ref = naive_gated_delta_rule(**ref_inputs, use_qk_l2norm=qk_l2norm)
 
     assert o.dtype == dtype and o.shape == (B, T, HV, V)
     assert final.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -94,7 +94,7 @@ def test_gated_delta_rule_matches_naive(B, T, H, HV, K, V, chunk_size, l2norm, g
 
 
 def test_l2norm_uses_fla_epsilon():
-    """q/k l2norm is x / sqrt(sum(x^2) + 1e-6), like fla's in-kernel norm (visible on small vectors)."""
+    """The q/k l2norm is x / sqrt(sum(x^2) + 1e-6), like fla's in-kernel norm (visible on small vectors)."""
     x = torch.tensor([[3e-4, 4e-4], [3.0, 4.0]], dtype=torch.float64)
     expected = x / torch.sqrt((x**2).sum(-1, keepdim=True) + 1e-6)
     assert torch.allclose(l2norm(x), expected, rtol=1e-12, atol=0)
@@ -103,7 +103,7 @@ def test_l2norm_uses_fla_epsilon():
 
 def test_gated_delta_rule_defaults():
     """Zero initial state when None, no final state unless asked for, scale K**-0.5, bf16 in -> bf16 out."""
-    inputs = gdr_inputs(1, 10, 1, 1, 8, 8, dtype=torch.float64, l2norm=False, g_zero=False)
+    inputs = gdr_inputs(1, 10, 1, 1, 8, 8, dtype=torch.float64, qk_l2norm=False, g_zero=False)
     h0 = inputs.pop("initial_state")
     o, final = gated_delta_rule(**inputs)
     assert final is None
@@ -121,7 +121,7 @@ def test_gated_delta_rule_defaults():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gated_delta_rule_strong_decay_stays_finite(dtype):
     """Cumulative decays far beyond exp's range inside a chunk: the masked exp must not overflow (inf * 0 = nan)."""
-    inputs = gdr_inputs(1, 48, 1, 1, 8, 8, dtype=dtype, l2norm=False, g_zero=False)
+    inputs = gdr_inputs(1, 48, 1, 1, 8, 8, dtype=dtype, qk_l2norm=False, g_zero=False)
     with torch.no_grad():
         inputs["g"].fill_(-40.0)
     o, final = gated_delta_rule(**inputs, output_final_state=True)
@@ -135,7 +135,7 @@ def test_gated_delta_rule_strong_decay_stays_finite(dtype):
 def test_gated_delta_rule_chaining():
     """One call over T tokens equals several calls chained through final_state -> initial_state, gradients too."""
     T, splits = 90, [25, 1, 64]
-    inputs = gdr_inputs(2, T, 2, 4, 8, 8, dtype=torch.float64, l2norm=True, g_zero=False)
+    inputs = gdr_inputs(2, T, 2, 4, 8, 8, dtype=torch.float64, qk_l2norm=True, g_zero=False)
     o_whole, final_whole = gated_delta_rule(**inputs, output_final_state=True, use_qk_l2norm=True, chunk_size=16)
 
     state = inputs["initial_state"]
@@ -276,7 +276,7 @@ def test_backend_on_cpu_is_torch(monkeypatch: pytest.MonkeyPatch):
 
 def test_forcing_fla_on_cpu_raises_clear_error(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("RETROFIT_OPS", "fla")
-    gdr = gdr_inputs(1, 4, 1, 1, 8, 8, dtype=torch.float32, l2norm=False, g_zero=False)
+    gdr = gdr_inputs(1, 4, 1, 1, 8, 8, dtype=torch.float32, qk_l2norm=False, g_zero=False)
     inputs = {n: t.detach() for n, t in gdr.items()}
     conv = {n: t.detach() for n, t in conv_inputs(1, 4, 3, 4, with_bias=False, with_state=False).items()}
     calls = [

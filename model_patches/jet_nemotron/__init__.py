@@ -1,0 +1,7 @@
+"""Jet-Nemotron (`model_type: jet_nemotron`): loads the published checkpoints on transformers 5 and sleeps."""
+
+from model_patches.jet_nemotron.configuration import JetBlockSettings, JetNemotronConfig
+from model_patches.jet_nemotron.jet_block import JetBlock
+from model_patches.jet_nemotron.modeling import JetNemotronForCausalLM, JetNemotronModel
+
+__all__ = ["JetBlock", "JetBlockSettings", "JetNemotronConfig", "JetNemotronForCausalLM", "JetNemotronModel"]

@@ -1,0 +1,124 @@
+"""JetBlock: Jet-Nemotron's linear mixer (gated delta rule with a dynamic convolution on v), as a sleep block.
+
+Parameter names are the published checkpoint's (`q_proj, k_proj, v_proj, a_proj, b_proj, g_proj, o_proj, A_log,
+dt_bias, o_norm.weight, dynamic_conv1d.kernel_generator.{w1,w2}`), so the safetensors load unchanged.
+
+Per token t, with x_t the (normed) block input:
+
+* q_t = silu(q_proj x_t), k_t = silu(k_proj x_t), L2-normalised per head inside the gated delta rule;
+* v_t = silu(sum_w W_t[:, w] * u_{t-3+w}) with u = v_proj x, where the kernel W_t = w2(silu(w1 x_t)) reshaped to
+  `[value_dim, 4]` is generated from x_t (w2's bias is the static part of the kernel); see `retrofit.ops.dynamic_conv`
+  for the tap order, which is upstream's;
+* g_t = -exp(A_log) * softplus(a_proj x_t + dt_bias) (log decay, in float32 or wider), beta_t = sigmoid(b_proj x_t);
+* the gated delta rule S_t = exp(g_t) S_{t-1} + beta_t k_t (v_t - exp(g_t) S_{t-1}^T k_t)^T, o_t = S_t^T q_t / sqrt(K);
+* o_norm: an RMSNorm per value head times silu(g_proj x_t), then o_proj.
+
+State across passes and chunks. The block's fast state is `LinearState(S, (conv_state,))`: S `[B, H, K, V]` and the
+conv state `[B, value_dim, 4]`, the last four pre-conv values u (what upstream's cache holds). The block returns
+both and the engine carries them as one: a sleep pass continues from the state the previous pass left (pass n+1
+replays the chunk as a continuation of the stream, which is what running the blocks with a cache object does in the
+paper's Algorithm 1), and the state after the last pass starts the next chunk. The conv state is treated exactly
+like S rather than reset per pass, so that a one-pass sleep is bit-for-bit streaming inference and N passes are
+N replays of the same stream; resetting only the conv state would make the first tokens of each replay see a
+history that never happened.
+
+Padding: padded positions get g = 0 and beta = 0 (an exact no-op on S) and a zero conv input, as
+`retrofit.layers.gated_deltanet.GatedDeltaNet` does; at the start of a sequence (left padding) the zeros equal the
+empty history, so padded and unpadded runs give the same state.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model_patches.jet_nemotron.configuration import JetBlockSettings
+from retrofit.blocks import Chunk, LinearState
+from retrofit.layers.gated_deltanet import GatedDeltaNet, ShortConvolution
+from retrofit.layers.norm import GatedRMSNorm
+from retrofit.ops import gated_delta_rule
+from retrofit.ops.dynamic_conv import dynamic_conv
+
+
+class KernelGenerator(nn.Module):
+    """`w2(silu(w1 x))`: one flattened `[dim, kernel_size]` kernel per token (upstream's `kernel_generator`)."""
+
+    def __init__(self, input_size: int, hidden_size: int, output_size: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(input_size, hidden_size, bias=False)
+        self.w2 = nn.Linear(hidden_size, output_size, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)))
+
+
+class DynamicShortConvolution(nn.Module):
+    """Causal depthwise conv on `dim` channels whose kernel is generated per token from another input, then SiLU."""
+
+    def __init__(self, dim: int, kernel_size: int, generator_input_size: int, generator_reduction: int) -> None:
+        super().__init__()
+        self.dim, self.kernel_size = dim, kernel_size
+        self.kernel_generator = KernelGenerator(generator_input_size, dim // generator_reduction, dim * kernel_size)
+
+    def initial_static_kernel(self) -> Tensor:
+        """A from-scratch init for w2's bias (the static kernel): `nn.Conv1d`'s, in w2's `(dim, tap)` layout."""
+        return ShortConvolution.initial_weight((self.dim, 1, self.kernel_size)).flatten()
+
+    def forward(self, x: Tensor, generator_input: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
+        """x `[B, T, dim]`, generator_input `[B, T, *]`, state `[B, dim, W]` or None -> (y, final state)."""
+        kernels = self.kernel_generator(generator_input).unflatten(-1, (self.dim, self.kernel_size))
+        return dynamic_conv(x, kernels, initial_state=state, output_final_state=True, activation="silu")
+
+
+class JetBlock(nn.Module):
+    """Jet-Nemotron's linear mixer with an explicit fast state (see the module docstring)."""
+
+    kind = "linear"
+
+    def __init__(self, hidden_size: int, settings: JetBlockSettings) -> None:
+        super().__init__()
+        self.num_heads = settings.num_heads
+        self.head_k_dim, self.head_v_dim = settings.head_dim, settings.head_v_dim
+        key_dim, value_dim = settings.key_dim, settings.value_dim
+        self.q_proj = nn.Linear(hidden_size, key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, key_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, value_dim, bias=False)
+        self.b_proj = nn.Linear(hidden_size, self.num_heads, bias=False)
+        self.a_proj = nn.Linear(hidden_size, self.num_heads, bias=False)
+        A_log, dt_bias = GatedDeltaNet.initial_gates(self.num_heads)
+        self.A_log = nn.Parameter(A_log)
+        self.dt_bias = nn.Parameter(dt_bias)
+        self.dynamic_conv1d = DynamicShortConvolution(
+            value_dim, settings.conv_size, hidden_size, settings.generator_reduction
+        )
+        self.g_proj = nn.Linear(hidden_size, value_dim, bias=False)
+        self.o_norm = GatedRMSNorm(self.head_v_dim, eps=settings.norm_eps)
+        self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
+
+    def forward(self, x: Tensor, state: LinearState | None, kv: None, chunk: Chunk) -> tuple[Tensor, LinearState, None]:
+        batch, length, _ = x.shape
+        keep = chunk.valid[..., None].to(x.dtype) if chunk.padded else None
+        u = self.v_proj(x)
+        v, conv_state = self.dynamic_conv1d(
+            u if keep is None else u * keep, x, state.conv[0] if state is not None else None
+        )
+        q, k = F.silu(self.q_proj(x)), F.silu(self.k_proj(x))
+        gate_dtype = torch.promote_types(x.dtype, torch.float32)  # fp32 under bf16, fp64 in exact tests
+        g = -self.A_log.to(gate_dtype).exp() * F.softplus(self.a_proj(x).to(gate_dtype) + self.dt_bias.to(gate_dtype))
+        beta = self.b_proj(x).sigmoid()
+        if keep is not None:
+            g, beta = g * keep.to(gate_dtype), beta * keep
+        o, recurrent = gated_delta_rule(
+            q.view(batch, length, self.num_heads, self.head_k_dim),
+            k.view(batch, length, self.num_heads, self.head_k_dim),
+            v.view(batch, length, self.num_heads, self.head_v_dim),
+            g,
+            beta,
+            initial_state=state.recurrent if state is not None else None,
+            output_final_state=True,
+            use_qk_l2norm=True,
+        )
+        gate = self.g_proj(x).view(batch, length, self.num_heads, self.head_v_dim)
+        o = self.o_norm(o, gate).reshape(batch, length, -1)
+        return self.o_proj(o), LinearState(recurrent, (conv_state,)), None

@@ -1,0 +1,192 @@
+"""`retrofit` command line: `train`, `validate`, `eval` and `env`.
+
+Recipe problems exit with code 2 and one line on stderr naming the file, the key and the fix; a training run
+whose loss or gradients stop being finite exits with code 3 and keeps its last good checkpoint.
+`python -m retrofit ...` is the same command, so `accelerate launch -m retrofit train RECIPE.yaml` works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_RECIPE_ERROR = 2
+EXIT_DIVERGED = 3
+
+ENV_PACKAGES = (
+    ("torch", "torch"),
+    ("triton", "triton"),
+    ("fla (flash-linear-attention)", "flash-linear-attention"),
+    ("fla-core", "fla-core"),
+    ("transformers", "transformers"),
+    ("accelerate", "accelerate"),
+    ("deepspeed", "deepspeed"),
+    ("peft", "peft"),
+    ("datasets", "datasets"),
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code."""
+    args = _parser().parse_args(argv)
+    if args.command == "env":
+        print(env_report())
+        return 0
+    from retrofit.recipes import RecipeError
+    from retrofit.training.trainer import TrainingDiverged
+
+    try:
+        return args.run(args)
+    except RecipeError as exc:
+        print(f"error: {exc.line()}", file=sys.stderr)
+        return EXIT_RECIPE_ERROR
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="retrofit", description="Retrofit sleep onto SSM/attention hybrid LMs.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def overrides(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY.PATH=VALUE",
+            help="override a recipe key (value parsed as YAML); repeatable",
+        )
+
+    train = commands.add_parser("train", help="train a recipe")
+    train.add_argument("recipe", type=Path, help="recipe YAML")
+    overrides(train)
+    train.add_argument(
+        "--resume", metavar="PATH|auto", help="continue from a checkpoint folder, or from the latest one in output_dir"
+    )
+    train.add_argument("--overwrite", action="store_true", help="discard output_dir's checkpoints and start over")
+    train.set_defaults(run=_train)
+
+    validate = commands.add_parser("validate", help="check a recipe (with --dry-run: build it and take one step)")
+    validate.add_argument("recipe", type=Path, help="recipe YAML")
+    overrides(validate)
+    validate.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build model and data, apply sleep and run one optimizer step on 2 examples",
+    )
+    validate.set_defaults(run=_validate)
+
+    evaluate = commands.add_parser("eval", help="evaluate a run, a checkpoint or a saved model by difficulty")
+    evaluate.add_argument("path", type=Path, help="run directory, checkpoints/step_* folder or model folder")
+    overrides(evaluate)
+    evaluate.add_argument("--output-dir", type=Path, help="where to write results.* (default: PATH)")
+    evaluate.set_defaults(run=_eval)
+
+    commands.add_parser("env", help="print the versions of the packages a bug report needs")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from retrofit.recipes import load_recipe
+    from retrofit.training.trainer import train
+
+    loaded = load_recipe(args.recipe, args.overrides)
+    with loaded.attributing_errors():
+        train(loaded, resume=args.resume, overwrite=args.overwrite)
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from retrofit.recipes import load_recipe, resolve
+    from retrofit.training.trainer import dry_run
+
+    loaded = load_recipe(args.recipe, args.overrides)
+    with loaded.attributing_errors():
+        resolved = resolve(loaded.recipe)
+        report = dry_run(loaded) if args.dry_run else None
+    recipe = loaded.recipe
+    print(
+        f"recipe OK: {args.recipe} (task {recipe.task.name}, T={resolved.task.seq_len}, L={resolved.sleep.window}, "
+        f"N={resolved.sleep.passes}, {resolved.sleep.eviction} eviction, output_dir {recipe.output_dir})"
+    )
+    if report is not None:
+        s = report.summary
+        print(
+            f"parameters: {s.parameters:,} ({s.trainable:,} trainable; {s.muon_parameters:,} in block matrices, "
+            f"{s.blocks} blocks)"
+        )
+        print(
+            f"tokens per step: {report.tokens_per_step:,} ({recipe.train.batch_size} x {resolved.task.seq_len}; "
+            f"{report.accumulation_steps} accumulation step(s) of {recipe.micro_batch_size} per process)"
+        )
+        print(f"passes per chunk: {report.passes}")
+        print(
+            f"one optimizer step on 2 examples: loss {report.loss:.4f} ({report.device}, "
+            f"mixed precision {report.precision})"
+        )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from retrofit.evaluation import evaluate, format_table, load_eval_set, write_report
+    from retrofit.recipes import RecipeError, load_recipe, resolve
+    from retrofit.training.checkpoint import load_model, locate_saved_model
+    from retrofit.training.trainer import make_accelerator
+
+    try:
+        saved = locate_saved_model(args.path)
+    except FileNotFoundError as exc:
+        raise RecipeError("", str(exc), "command line") from None
+    loaded = load_recipe(saved.recipe, args.overrides)
+    with loaded.attributing_errors():
+        resolved = resolve(loaded.recipe)
+    accelerator = make_accelerator(loaded.recipe, trackers=False)
+    model = accelerator.prepare(load_model(saved.model))
+    eval_set = load_eval_set(loaded.recipe.eval, resolved.eval_task)
+    result = evaluate(
+        model,
+        eval_set,
+        task=resolved.eval_task,
+        step=saved.step,
+        batch_size=loaded.recipe.eval.batch_size,
+        accelerator=accelerator,
+    )
+    if accelerator.is_main_process:
+        out_dir = args.output_dir or args.path
+        write_report(result, out_dir)
+        print(format_table(result))
+        print(f"wrote {out_dir}/results.{{json,md,png}}")
+    return 0
+
+
+def env_report() -> str:
+    """Versions of Python, the packages a bug report needs, and CUDA. Reads metadata; imports no kernels."""
+    import platform
+    from importlib import metadata
+
+    import torch
+
+    import retrofit
+
+    lines = [
+        f"retrofit: {retrofit.__version__}",
+        f"python: {platform.python_version()}",
+        f"platform: {platform.platform()}",
+    ]
+    for label, dist in ENV_PACKAGES:
+        try:
+            version = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            version = "not installed"
+        lines.append(f"{label}: {version}")
+    if torch.cuda.is_available():
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        lines.append(f"CUDA: {torch.version.cuda} ({torch.cuda.device_count()} GPU(s): {names})")
+    else:
+        built = f"torch built with CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only torch build"
+        lines.append(f"CUDA: not available ({built})")
+    return "\n".join(lines)

@@ -1,0 +1,2 @@
+"""Training: build a recipe's model and data (`build`, `data`), train on Accelerate (`trainer`), checkpoint and
+resume (`checkpoint`). The entry points are `retrofit.training.trainer.train` and `.dry_run`."""

@@ -1,0 +1,49 @@
+"""Training batches as a pure function of (seed, step): resuming needs only the step number.
+
+Example `i` of the global batch of step `s` is drawn by its own generator seeded with (task, seed, s, i). So the
+data order is the same for every run with the same seed, whatever the number of processes, the micro-batch size
+or the number of sleep passes, and a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from retrofit.tasks import IGNORE_INDEX, Example, Task
+
+
+def example_rng(task: Task, seed: int, step: int, index: int) -> random.Random:
+    """The generator of example `index` of the global batch of optimizer step `step`."""
+    return random.Random(f"{task.name}/{seed}/train/step{step}/example{index}")
+
+
+def micro_batch(task: Task, seed: int, step: int, indices: range, pad_token_id: int) -> dict[str, Tensor]:
+    """The examples `indices` of step `step`'s global batch, collated."""
+    return collate([task.example(example_rng(task, seed, step, i)) for i in indices], pad_token_id)
+
+
+def micro_batch_indices(micro_step: int, process: int, num_processes: int, size: int) -> range:
+    """Which examples of the global batch one process takes on one accumulation micro-step."""
+    start = (micro_step * num_processes + process) * size
+    return range(start, start + size)
+
+
+def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, Tensor]:
+    """Right-pad to the longest example (padding: attention_mask 0, labels -100), as tensors.
+
+    Right padding keeps each example's chunk alignment: its tokens stay at the positions the task placed them.
+    """
+    length = max(len(ex["input_ids"]) for ex in examples)
+
+    def pad(key: str, value: int) -> Tensor:
+        return torch.tensor([ex[key] + [value] * (length - len(ex[key])) for ex in examples], dtype=torch.long)
+
+    return {
+        "input_ids": pad("input_ids", pad_token_id),
+        "attention_mask": pad("attention_mask", 0),
+        "labels": pad("labels", IGNORE_INDEX),
+    }

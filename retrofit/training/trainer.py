@@ -1,0 +1,321 @@
+"""The trainer: one recipe in, a trained model, checkpoints, logs and an evaluation out.
+
+Read `train` from top to bottom: set up (accelerator, model, optimizer, data, resume), then each step draws its
+global batch from (seed, step), runs forward/backward per micro-batch (gradients accumulate; DDP syncs on the last
+one), checks the loss and gradient norm are finite, clips, steps optimizer and LR schedule, logs, and now and then
+checkpoints and evaluates. At the end it saves the model, evaluates, writes the report and prints the table.
+
+Runs on Accelerate: `accelerate launch -m retrofit train RECIPE.yaml` spreads it over processes, and mixed
+precision is bf16 on GPU, fp32 on CPU (`train.precision: auto`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from retrofit.evaluation import EvalResult, evaluate, format_table, load_eval_set, load_result, write_report
+from retrofit.optim import build_optimizer, build_scheduler
+from retrofit.recipes import LoadedRecipe, Recipe, RecipeError, ResolvedRecipe, dump_recipe, resolve
+from retrofit.training.build import ModelSummary, build_model, describe_passes
+from retrofit.training.checkpoint import (
+    CHECKPOINTS,
+    MODEL_DIR,
+    RECIPE_FILE,
+    TrainerState,
+    list_checkpoints,
+    load_checkpoint,
+    register_model_hooks,
+    save_checkpoint,
+    save_pretrained_quietly,
+)
+from retrofit.training.data import micro_batch, micro_batch_indices
+
+EVAL_DIR = "eval"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm stopped being finite; the run stopped before stepping on it."""
+
+
+def make_accelerator(recipe: Recipe, *, trackers: bool) -> Accelerator:
+    """bf16 autocast on GPU (or when asked), fp32 on CPU; trackers write under the output dir."""
+    precision = recipe.train.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "fp32"
+    return Accelerator(
+        mixed_precision="bf16" if precision == "bf16" else "no",
+        log_with=recipe.train.log_with if trackers else None,
+        project_dir=recipe.output_dir,
+    )
+
+
+def accumulation_steps(recipe: Recipe, num_processes: int) -> int:
+    """Micro-steps per optimizer step so that micro-batches x processes x steps = the global batch."""
+    per_step = recipe.micro_batch_size * num_processes
+    if recipe.train.batch_size % per_step:
+        raise RecipeError(
+            "train.batch_size",
+            f"{recipe.train.batch_size} is not a multiple of micro_batch_size x processes = "
+            f"{recipe.micro_batch_size} x {num_processes}; change train.micro_batch_size",
+        )
+    return recipe.train.batch_size // per_step
+
+
+def resume_point(resume: str | None, output_dir: Path, *, overwrite: bool) -> Path | None:
+    """The checkpoint to resume from (`auto`: the latest in output_dir, if any).
+
+    Without `--resume`, an output_dir that already has checkpoints is an error unless `overwrite` is set.
+    """
+    existing = list_checkpoints(output_dir)
+    if resume == "auto":
+        return existing[-1] if existing else None
+    if resume is not None:
+        path = Path(resume)
+        if path not in existing and not (path / "trainer_state.json").is_file():
+            raise RecipeError(
+                "",
+                f"--resume {resume}: not a checkpoint (no trainer_state.json); use a "
+                f"{CHECKPOINTS}/step_* folder or --resume auto",
+                "command line",
+            )
+        return path
+    if existing and not overwrite:
+        raise RecipeError(
+            "output_dir",
+            f"{output_dir} already has checkpoints; continue with --resume auto, "
+            "start over with --overwrite, or pick another --set output_dir=...",
+        )
+    return None
+
+
+def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = False) -> EvalResult:
+    """Train the recipe; return the final evaluation. Raises `RecipeError` or `TrainingDiverged`."""
+    recipe = loaded.recipe
+    resolved = resolve(recipe)
+    task, train_cfg = resolved.task, recipe.train
+    output_dir = Path(recipe.output_dir)
+    resume_from = resume_point(resume, output_dir, overwrite=overwrite)
+
+    # ---- set up: accelerator, model, optimizer, schedule, resume
+    accelerator = make_accelerator(recipe, trackers=True)
+    accum = accumulation_steps(recipe, accelerator.num_processes)
+    if overwrite and resume_from is None and accelerator.is_main_process:
+        shutil.rmtree(output_dir / CHECKPOINTS, ignore_errors=True)
+    set_seed(recipe.seed)
+    model = build_model(resolved)
+    optimizer = build_optimizer(model, recipe.optimizer)
+    scheduler = build_scheduler(optimizer, recipe.optimizer, train_cfg.max_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)  # stepped once per optimizer step, not per process
+    register_model_hooks(accelerator)
+    state = TrainerState(step=0, tokens_seen=0)
+    if resume_from is not None:
+        state = load_checkpoint(accelerator, resume_from)
+        accelerator.print(f"resumed from {resume_from} at step {state.step}")
+    recipe_yaml = dump_recipe(recipe)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / RECIPE_FILE).write_text(recipe_yaml)
+    eval_set = load_eval_set(recipe.eval, resolved.eval_task)
+    history = _eval_history(output_dir, before=state.step)
+    accelerator.init_trackers("tensorboard", config=_flat_config(recipe))
+    _print_plan(accelerator, resolved, model, accum)
+
+    pad_id = task.tokenizer.pad_token_id
+    rank, world = accelerator.process_index, accelerator.num_processes
+    last_checkpoint = list_checkpoints(output_dir)[-1] if list_checkpoints(output_dir) else None
+    progress = tqdm(
+        total=train_cfg.max_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process
+    )
+    model.train()
+    window_start, window_tokens = time.perf_counter(), 0
+    for step in range(state.step, train_cfg.max_steps):
+        # ---- forward/backward over the micro-batches of this step's global batch
+        loss_sum = torch.zeros((), device=accelerator.device)
+        tokens = 0
+        for micro in range(accum):
+            indices = micro_batch_indices(micro, rank, world, recipe.micro_batch_size)
+            batch = micro_batch(task, recipe.seed, step, indices, pad_id)
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            sync = nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
+            with sync:
+                loss = model(**batch).loss / accum
+                accelerator.backward(loss)
+            loss_sum += loss.detach()
+            tokens += int(batch["attention_mask"].sum())
+
+        # ---- watchdog, clip, step
+        loss_value = accelerator.reduce(loss_sum, reduction="mean").item()
+        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), recipe.optimizer.grad_clip or math.inf))
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            progress.close()
+            accelerator.end_training()
+            kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved"
+            raise TrainingDiverged(
+                f"training diverged at step {step + 1}: loss {loss_value}, grad norm {grad_norm}; stopped without "
+                f"taking that step, {kept}. Lower the learning rates or add warmup, then --resume auto"
+            )
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state = TrainerState(step=step + 1, tokens_seen=state.tokens_seen + tokens * world)
+
+        # ---- log
+        window_tokens += tokens * world
+        progress.update(1)
+        if state.step % train_cfg.log_every == 0 or state.step == train_cfg.max_steps:
+            elapsed = time.perf_counter() - window_start
+            tokens_per_s = window_tokens / max(elapsed, 1e-9)
+            window_start, window_tokens = time.perf_counter(), 0
+            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+            accelerator.log(
+                {
+                    "train/loss": loss_value,
+                    "train/lr": lr,
+                    "train/grad_norm": grad_norm,
+                    "train/tokens_per_s": tokens_per_s,
+                    "train/tokens_seen": state.tokens_seen,
+                },
+                step=state.step,
+            )
+
+        # ---- checkpoint, evaluate
+        if train_cfg.checkpoint_every and state.step % train_cfg.checkpoint_every == 0:
+            last_checkpoint = save_checkpoint(accelerator, output_dir, state, recipe_yaml, train_cfg.keep_checkpoints)
+        every = recipe.eval.every_steps
+        if every and state.step % every == 0 and state.step < train_cfg.max_steps:
+            result = evaluate(
+                model,
+                eval_set,
+                task=resolved.eval_task,
+                step=state.step,
+                batch_size=recipe.eval.batch_size,
+                accelerator=accelerator,
+            )
+            _log_eval(accelerator, result, output_dir)
+            history.append(result)
+    progress.close()
+
+    # ---- finish: final checkpoint and model, evaluation, report
+    if last_checkpoint is None or last_checkpoint.name != f"step_{state.step:06d}":
+        save_checkpoint(accelerator, output_dir, state, recipe_yaml, train_cfg.keep_checkpoints)
+    result = evaluate(
+        model,
+        eval_set,
+        task=resolved.eval_task,
+        step=state.step,
+        batch_size=recipe.eval.batch_size,
+        accelerator=accelerator,
+    )
+    _log_eval(accelerator, result, output_dir)
+    if accelerator.is_main_process:
+        save_pretrained_quietly(accelerator.unwrap_model(model), output_dir / MODEL_DIR)
+        task.tokenizer.save_pretrained(output_dir / MODEL_DIR)
+        write_report(result, output_dir, history)
+        accelerator.print(format_table(result))
+        accelerator.print(f"wrote {output_dir}/{{results.json, results.md, results.png, {MODEL_DIR}/}}")
+    accelerator.end_training()
+    return result
+
+
+@dataclass(frozen=True)
+class DryRunReport:
+    """What `retrofit validate --dry-run` prints."""
+
+    summary: ModelSummary
+    tokens_per_step: int
+    accumulation_steps: int
+    passes: str
+    loss: float
+    device: str
+    precision: str
+
+
+def dry_run(loaded: LoadedRecipe, examples: int = 2) -> DryRunReport:
+    """Build model and data, apply sleep, and run one optimizer step on `examples` examples; write nothing."""
+    recipe = loaded.recipe
+    resolved = resolve(recipe)
+    accelerator = make_accelerator(recipe, trackers=False)
+    accum = accumulation_steps(recipe, accelerator.num_processes)
+    set_seed(recipe.seed)
+    model = build_model(resolved)
+    summary = ModelSummary.of(model)
+    optimizer = build_optimizer(model, recipe.optimizer)
+    scheduler = build_scheduler(optimizer, recipe.optimizer, recipe.train.max_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    batch = micro_batch(resolved.task, recipe.seed, 0, range(examples), resolved.task.tokenizer.pad_token_id)
+    loss = model(**{k: v.to(accelerator.device) for k, v in batch.items()}).loss
+    accelerator.backward(loss)
+    accelerator.clip_grad_norm_(model.parameters(), recipe.optimizer.grad_clip or math.inf)
+    optimizer.step()
+    scheduler.step()
+    if not math.isfinite(loss.item()):
+        raise TrainingDiverged(f"the dry-run loss is {loss.item()}: the model or its initialisation is broken")
+    return DryRunReport(
+        summary=summary,
+        tokens_per_step=recipe.train.batch_size * resolved.task.seq_len,
+        accumulation_steps=accum,
+        passes=describe_passes(resolved.sleep, resolved.task.seq_len),
+        loss=loss.item(),
+        device=str(accelerator.device),
+        precision=accelerator.mixed_precision,
+    )
+
+
+def _print_plan(accelerator: Accelerator, resolved: ResolvedRecipe, model: torch.nn.Module, accum: int) -> None:
+    recipe = resolved.recipe
+    summary = ModelSummary.of(accelerator.unwrap_model(model))
+    accelerator.print(
+        f"{recipe.task.name}: {summary.parameters:,} parameters, {summary.blocks} blocks; "
+        f"{recipe.train.batch_size} x {resolved.task.seq_len} tokens per step "
+        f"({accelerator.num_processes} process(es) x {recipe.micro_batch_size} x {accum} accumulation); "
+        f"{describe_passes(resolved.sleep, resolved.task.seq_len)}; output {recipe.output_dir}"
+    )
+
+
+def _log_eval(accelerator: Accelerator, result: EvalResult, output_dir: Path) -> None:
+    """Send bucket accuracies/losses to the trackers and keep a JSON per evaluation under `eval/`."""
+    values = {f"eval/accuracy/d{b.difficulty}": b.accuracy for b in result.buckets}
+    values |= {f"eval/loss/d{b.difficulty}": b.loss for b in result.buckets}
+    values["eval/accuracy"] = result.accuracy
+    accelerator.log(values, step=result.step)
+    if accelerator.is_main_process:
+        path = output_dir / EVAL_DIR / f"step_{result.step:06d}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+
+
+def _eval_history(output_dir: Path, *, before: int) -> list[EvalResult]:
+    """Evaluations a resumed run already made (for the accuracy-over-training plot)."""
+    found = sorted((output_dir / EVAL_DIR).glob("step_*.json"))
+    results = [load_result(p) for p in found]
+    return [r for r in results if r.step <= before]
+
+
+def _flat_config(recipe: Recipe) -> dict[str, str | int | float | bool]:
+    """The recipe as flat scalar key/values, as trackers' hyperparameter tables want them."""
+    out: dict[str, str | int | float | bool] = {}
+
+    def walk(prefix: str, value: object) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        elif isinstance(value, str | int | float | bool):
+            out[prefix] = value
+        elif value is not None:
+            out[prefix] = str(value)
+
+    walk("", recipe.model_dump(mode="json"))
+    return out

@@ -1,0 +1,327 @@
+"""Jet-Nemotron: loading the published layout on transformers 5, the engine's semantics, and JetBlock references.
+
+Checkpoints are tiny and random, written by `tests.jet_checkpoint` from the published key names and shapes (not from
+our modules). Comparisons run in float64.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import retrofit
+from model_patches.jet_nemotron import JetBlock, JetNemotronConfig, JetNemotronForCausalLM
+from retrofit import SleepConfig, SleepEngine, apply_sleep
+from retrofit.blocks import Chunk, LinearState
+from retrofit.ops.naive import naive_gated_delta_rule
+from retrofit.ops.naive_dynamic_conv import naive_dynamic_conv
+from tests.helpers import random_batch, stream_wake_logits
+from tests.jet_checkpoint import official_shapes, tiny_config, write_official_checkpoint
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "jet-nemotron"
+TOL = 1e-10
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float = TOL) -> bool:
+    return torch.allclose(a, b, rtol=tol, atol=tol)
+
+
+def flat_states(states) -> list[torch.Tensor]:
+    return [t for s in states if isinstance(s, LinearState) for t in (s.recurrent, *s.conv)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models spend their time in intra-op thread synchronisation, which a busy shared CPU makes 20x slower
+    (8 ms per tiny matmul with 2 threads against 0.04 ms with 1): run this module on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    directory = tmp_path_factory.mktemp("jet-official")
+    return directory, write_official_checkpoint(directory)
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint) -> JetNemotronForCausalLM:
+    assert retrofit.__version__  # `import retrofit` registers the family
+    return AutoModelForCausalLM.from_pretrained(checkpoint[0], dtype=torch.float64).eval()
+
+
+def engine_for(model, **config) -> SleepEngine:
+    return SleepEngine(model.get_sleep_adapter(), SleepConfig(**config))
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def test_official_layout_loads_without_remote_code(checkpoint):
+    directory, written = checkpoint
+    loaded, info = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float64, output_loading_info=True)
+    assert isinstance(loaded, JetNemotronForCausalLM)  # our registration wins over auto_map (the stubs would raise)
+    assert (info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"]) == (set(), set(), set())
+    state = loaded.state_dict()
+    assert all(torch.equal(state[name], tensor.double()) for name, tensor in written.items())
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # tied
+    assert loaded.model.rotary_emb.theta == 10000.0
+    assert [layer.kind for layer in loaded.model.layers] == [
+        "linear", "attention", "linear", "sliding", "linear", "linear", "attention", "linear"
+    ]  # fmt: skip
+    assert loaded.model.layers[3].self_attn.window == 5
+    assert AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=False).dtype == torch.bfloat16
+
+
+def test_retrofitted_checkpoint_round_trips_exactly(model, checkpoint, tmp_path):
+    sleep = SleepConfig(window=5, passes=3, eviction="sliding")
+    apply_sleep(model, sleep)
+    try:
+        model.save_pretrained(tmp_path)
+        saved = json.loads((tmp_path / "config.json").read_text())
+        assert "auto_map" not in saved and saved["model_type"] == "jet_nemotron"
+        assert saved["layer_types"] == list(tiny_config()["layer_types"])
+        assert saved["efficient_attention_config"] == tiny_config()["efficient_attention_config"]
+        assert saved["rope_parameters"] == {"rope_type": "default", "rope_theta": 10000.0}
+        with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+            assert set(f.keys()) == set(checkpoint[1])  # publishable in the official layout
+        (tmp_path / "modeling_jet_nemotron.py").write_text('raise RuntimeError("no remote code")\n')
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+        assert loaded.sleep_config == sleep
+        ids, _ = random_batch(2, 12, model.config.vocab_size)
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, loaded(ids).logits)
+    finally:
+        model.config.sleep_config = None
+
+
+def test_config_round_trips_and_rejects_unknown_layer_types(tmp_path):
+    config = JetNemotronConfig(**tiny_config())
+    config.save_pretrained(tmp_path)
+    again = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(again, JetNemotronConfig)
+    assert again.to_dict() | {"_name_or_path": ""} == config.to_dict()
+    assert again.jet_block_settings().norm_eps == 1e-5 and again.jet_block_settings().head_v_dim == 16
+    with pytest.raises(Exception, match="gdn"):
+        JetNemotronConfig(**(tiny_config() | {"layer_types": ["jet", "gdn", "attn", "swa"], "num_hidden_layers": 4}))
+    with pytest.raises(Exception, match="num_hidden_layers"):
+        JetNemotronConfig(**(tiny_config() | {"num_hidden_layers": 3}))
+
+
+PUBLISHED = {
+    "2B": dict(
+        loop=(7, 21),
+        attn=[14, 19],
+        swa=[20, 21],
+        window=1152,
+        shapes={"q_proj": (1152, 1536), "v_proj": (3072, 1536), "w2": (12288, 384), "w1": (384, 1536)},
+    ),
+    "4B": dict(
+        loop=(9, 27),
+        attn=[17, 20, 32],
+        swa=[5, 16, 19, 21, 22, 25, 27],
+        window=2048,
+        shapes={"q_proj": (2048, 2048), "v_proj": (4096, 2048), "w2": (16384, 512), "w1": (512, 2048)},
+    ),
+}
+
+
+@pytest.mark.parametrize("size", sorted(PUBLISHED))
+def test_published_config_builds_the_published_shapes_on_meta(size, tmp_path):
+    source = FIXTURES / f"config-{size}.json"
+    if not source.exists():
+        pytest.skip(f"{source} is absent (the published configs live in ../shared/fixtures)")
+    shutil.copy(source, tmp_path / "config.json")
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(config, JetNemotronConfig) and not hasattr(config, "auto_map")
+    assert config.rope_parameters["rope_theta"] == 1e6
+    with torch.device("meta"):
+        built = AutoModelForCausalLM.from_config(config)
+    assert all(p.is_meta for p in built.parameters())
+    # Every tensor the published layout has, with its shape, and nothing else (lm_head is tied).
+    published = json.loads(source.read_text())
+    expected = official_shapes(published)
+    shapes = {name: tuple(p.shape) for name, p in built.named_parameters()}
+    assert shapes == expected
+    spec = PUBLISHED[size]
+    jet = "model.layers.0.self_attn."
+    assert shapes[jet + "q_proj.weight"] == spec["shapes"]["q_proj"]
+    assert shapes[jet + "v_proj.weight"] == spec["shapes"]["v_proj"]
+    assert shapes[jet + "dynamic_conv1d.kernel_generator.w1.weight"] == spec["shapes"]["w1"]
+    assert shapes[jet + "dynamic_conv1d.kernel_generator.w2.weight"] == spec["shapes"]["w2"]
+    assert shapes[jet + "o_norm.weight"] == (256,)
+    kinds = [layer.kind for layer in built.model.layers]
+    assert [i for i, k in enumerate(kinds) if k == "attention"] == spec["attn"]
+    assert [i for i, k in enumerate(kinds) if k == "sliding"] == spec["swa"]
+    assert {built.model.layers[i].self_attn.window for i in spec["swa"]} == {spec["window"]}
+    assert built.default_loop_range() == spec["loop"]
+    assert built.lm_head.weight is built.model.embed_tokens.weight
+
+
+# ---------------------------------------------------------------------------------------------- engine semantics
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+def test_one_pass_with_window_over_sequence_equals_plain_forward(model, eviction):
+    ids, labels = random_batch(2, 13, model.config.vocab_size)
+    with torch.no_grad():
+        plain = model(ids, labels=labels)
+        out = engine_for(model, window=13, passes=1, eviction=eviction).forward(ids, labels=labels, return_logits=True)
+    assert close(out.logits, plain.logits)
+    assert close(out.loss, plain.loss)
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+def test_wake_logits_equal_token_by_token_streaming(model, eviction):
+    engine = engine_for(model, window=4, passes=3, eviction=eviction)
+    assert (engine.prelude, engine.loop, engine.coda) == (range(0, 2), range(2, 6), range(6, 8))
+    ids, _ = random_batch(2, 11, model.config.vocab_size)
+    with torch.no_grad():
+        batched = engine.forward(ids, return_logits=True).logits
+        streamed, _ = stream_wake_logits(engine, ids)
+        one_pass = engine_for(model, window=4, passes=1, eviction=eviction).forward(ids, return_logits=True).logits
+    assert close(batched, streamed)
+    assert not close(batched[:, 4:], one_pass[:, 4:], 1e-6)  # the sleep passes matter
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+def test_left_padding_by_whole_windows_is_invisible(model, eviction):
+    window = 4
+    ids, labels = random_batch(1, 10, model.config.vocab_size)
+    engine = engine_for(model, window=window, passes=3, eviction=eviction)
+    with torch.no_grad():
+        reference = engine.forward(ids, labels=labels)
+        left = 2 * window
+        mask = torch.cat([torch.zeros(1, left, dtype=torch.long), torch.ones_like(ids)], dim=1)
+        padded = engine.forward(
+            torch.cat([torch.full((1, left), 3), ids], dim=1),
+            attention_mask=mask,
+            labels=torch.cat([torch.full((1, left), -100), labels], dim=1),
+        )
+    assert close(padded.loss, reference.loss)
+    assert all(close(a, b) for a, b in zip(flat_states(padded.states), flat_states(reference.states), strict=True))
+
+
+# ---------------------------------------------------------------------------------------------- JetBlock
+
+
+def reference_jet_block(block: JetBlock, x: torch.Tensor, state: LinearState | None):
+    """JetBlock written out from the spec with the naive ops: per-token dynamic conv and gated delta rule."""
+    B, T, _ = x.shape
+    H, K, V = block.num_heads, block.head_k_dim, block.head_v_dim
+    D, W = H * V, 4
+    conv = block.dynamic_conv1d.kernel_generator
+    kernels = (F.silu(x @ conv.w1.weight.T) @ conv.w2.weight.T + conv.w2.bias).view(B, T, D, W)
+    v, conv_state = naive_dynamic_conv(
+        x @ block.v_proj.weight.T, kernels, initial_state=None if state is None else state.conv[0], activation="silu"
+    )
+    q = F.silu(x @ block.q_proj.weight.T).view(B, T, H, K)
+    k = F.silu(x @ block.k_proj.weight.T).view(B, T, H, K)
+    g = -block.A_log.exp() * F.softplus(x @ block.a_proj.weight.T + block.dt_bias)
+    beta = torch.sigmoid(x @ block.b_proj.weight.T)
+    o, S = naive_gated_delta_rule(
+        q, k, v.view(B, T, H, V), g, beta, initial_state=None if state is None else state.recurrent, use_qk_l2norm=True
+    )
+    gate = (x @ block.g_proj.weight.T).view(B, T, H, V)
+    rms = (o.square().mean(-1, keepdim=True) + block.o_norm.eps).sqrt()
+    o = o / rms * block.o_norm.weight * gate * torch.sigmoid(gate)  # gated RMSNorm per value head
+    return o.reshape(B, T, D) @ block.o_proj.weight.T, S, conv_state
+
+
+def whole_chunk(x: torch.Tensor, valid: torch.Tensor | None = None) -> Chunk:
+    B, T, _ = x.shape
+    valid = torch.ones(B, T, dtype=torch.bool) if valid is None else valid
+    return Chunk(0, torch.arange(T).expand(B, T), valid, None, None, not bool(valid.all()))
+
+
+def test_jet_block_matches_the_naive_reference_across_calls(model):
+    block = model.model.layers[0].self_attn
+    x = torch.randn(2, 9, model.config.hidden_size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        ref_out, ref_S, ref_conv = reference_jet_block(block, x, None)
+        assert ref_out.abs().mean() > 1e-3 and ref_conv.abs().mean() > 1e-3  # not vacuous
+        whole, state, _ = block(x, None, None, whole_chunk(x))
+        first, carried, _ = block(x[:, :2], None, None, whole_chunk(x[:, :2]))  # shorter than the conv
+        second, carried, _ = block(x[:, 2:], carried, None, whole_chunk(x[:, 2:]))
+        _, ref_S1, ref_conv1 = reference_jet_block(block, x[:, :2], None)
+        ref_second, ref_S2, ref_conv2 = reference_jet_block(block, x[:, 2:], LinearState(ref_S1, (ref_conv1,)))
+    assert close(whole, ref_out) and close(state.recurrent, ref_S) and close(state.conv[0], ref_conv)
+    assert close(torch.cat([first, second], dim=1), ref_out)
+    assert close(second, ref_second) and close(carried.recurrent, ref_S2) and close(carried.conv[0], ref_conv2)
+
+
+def test_jet_block_padding_leaves_the_state_untouched(model):
+    block = model.model.layers[2].self_attn
+    x = torch.randn(1, 7, model.config.hidden_size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    valid = torch.tensor([[False, False, False, True, True, True, True]])
+    with torch.no_grad():
+        _, padded, _ = block(x, None, None, whole_chunk(x, valid))
+        out, real, _ = block(x[:, 3:], None, None, whole_chunk(x[:, 3:]))
+        padded_out, _, _ = block(x, None, None, whole_chunk(x, valid))
+        # Padding after real tokens: g = 0 and beta = 0 keep the (non-zero) recurrent state exactly.
+        _, after, _ = block(x[:, :4], real, None, whole_chunk(x[:, :4], torch.zeros(1, 4, dtype=torch.bool)))
+    assert close(padded.recurrent, real.recurrent) and close(padded.conv[0], real.conv[0])
+    assert close(padded_out[:, 3:], out)
+    assert torch.equal(after.recurrent, real.recurrent)
+
+
+def test_default_loop_range_is_the_middle_half():
+    for layers, expected in [(28, (7, 21)), (36, (9, 27)), (8, (2, 6))]:
+        config = tiny_config(layer_types=("jet",) * layers)
+        with torch.device("meta"):
+            built = JetNemotronForCausalLM(JetNemotronConfig(**config))
+        assert built.default_loop_range() == expected
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.xfail(
+    strict=True,
+    reason="open (issue 4): on an H100 the loss agrees (<5e-3) but A_log/dt_bias gradients differ between fla and "
+    "the torch path (relative error 1.0-1.8), although the same op matches a float64 recurrence on its own "
+    "(benchmarks/probes/strong_decay.py) and the hybrid's fla test passes; not yet explained",
+)
+def test_sleeping_jet_on_fla_matches_the_torch_path(monkeypatch, tmp_path):
+    """fla's kernels against the torch path on CUDA (float32, same model): loss and every gradient."""
+    config = tiny_config()
+    config["efficient_attention_config"]["jet"] |= {"head_dim": 8, "expand_v": 2}  # the hybrid GPU tests' sizes
+    write_official_checkpoint(tmp_path, config)
+    gpu_model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).cuda()
+    # fla's gate gradient loses precision as decays strengthen (benchmarks/probes/strong_decay.py measured a
+    # relative dg error of 2e-3, 6e-3 and 3e-2 for g ~ -U(0.01, 0.1), -U(0.5, 3) and -U(2, 6)), and A_log's
+    # gradient sums dg·g over tokens with cancellation: compare in fla's documented regime of mild decays.
+    with torch.no_grad():
+        for name, param in gpu_model.named_parameters():
+            if name.endswith("A_log"):
+                param.fill_(-4.0)
+    ids, labels = (t.cuda() for t in random_batch(2, 150, config["vocab_size"]))
+    sleep = SleepConfig(window=40, passes=3, eviction="sliding", checkpointing="pass")
+    results = {}
+    for backend in ("fla", "torch"):
+        monkeypatch.setenv("RETROFIT_OPS", backend)
+        gpu_model.zero_grad()
+        loss = SleepEngine(gpu_model.get_sleep_adapter(), sleep).forward(ids, labels=labels).loss
+        loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in gpu_model.named_parameters() if p.grad is not None}
+        results[backend] = loss.detach(), grads
+    (fla_loss, fla_grads), (torch_loss, torch_grads) = results["fla"], results["torch"]
+    assert rel(fla_loss, torch_loss) < 5e-3
+    assert fla_grads.keys() == torch_grads.keys()
+    errors = sorted(((rel(fla_grads[n], torch_grads[n]), n) for n in torch_grads), reverse=True)
+    assert errors[0][0] < 2e-2, errors[:5]

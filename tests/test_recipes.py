@@ -1,0 +1,280 @@
+"""Recipes: schema, `base:` inheritance, `--set` overrides, one-line errors (exit 2), and every shipped recipe."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from retrofit.cli import main
+from retrofit.recipes import RecipeError, load_recipe, resolve
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted(p for p in (REPO / "recipes").glob("*.yaml"))
+TINY = REPO / "recipes" / "rule110-tiny.yaml"
+
+# Shrinks a from-scratch recipe's model so that a dry run is quick on CPU (the paper-size recipes use it).
+SMALL_MODEL = [
+    "model.config.hidden_size=32",
+    "model.config.intermediate_size=64",
+    "model.config.num_attention_heads=2",
+    "model.config.linear_num_heads=2",
+    "model.config.linear_head_dim=16",
+]
+
+
+def write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def minimal(**changes) -> dict:
+    """A small valid recipe as a dict, with top-level sections replaced or merged by `changes`."""
+    data = {
+        "output_dir": "runs/test",
+        "task": {"name": "rule110", "options": {"steps_choices": [1, 2]}},
+        "model": {
+            "config": {
+                "hidden_size": 16,
+                "intermediate_size": 32,
+                "num_attention_heads": 2,
+                "linear_num_heads": 2,
+                "linear_head_dim": 8,
+            }
+        },
+        "sleep": {"window": 24, "passes": 2},
+        "train": {"max_steps": 2, "batch_size": 4},
+    }
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return data
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def test_base_inheritance_deep_merges_and_lists_replace(tmp_path):
+    (tmp_path / "base").mkdir()
+    write(tmp_path / "base" / "common.yaml", minimal(optimizer={"muon": {"lr": 0.01, "momentum": 0.9}}))
+    child = write(
+        tmp_path / "child.yaml",
+        {
+            "base": "base/common.yaml",
+            "optimizer": {"muon": {"lr": 0.02}},
+            "task": {"options": {"steps_choices": [4]}},
+        },
+    )
+    recipe = load_recipe(child).recipe
+    assert recipe.optimizer.muon.lr == 0.02
+    assert recipe.optimizer.muon.momentum == 0.9  # kept from the base
+    assert recipe.task.options == {"steps_choices": [4]}  # lists replace
+    assert recipe.train.max_steps == 2
+
+
+def test_set_overrides_are_parsed_as_yaml(tmp_path):
+    path = write(tmp_path / "r.yaml", minimal())
+    recipe = load_recipe(
+        path,
+        [
+            "train.max_steps=7",
+            "optimizer.muon.lr=1e-3",
+            "task.options.steps_choices=[1, 2, 4]",
+            "sleep.loop_range=[0, 2]",
+            "eval.path=null",
+        ],
+    ).recipe
+    assert recipe.train.max_steps == 7
+    assert recipe.optimizer.muon.lr == pytest.approx(1e-3)
+    assert recipe.task.options["steps_choices"] == [1, 2, 4]
+    assert resolve(recipe).sleep.loop_range == (0, 2)
+
+
+def test_error_names_the_base_file_that_set_the_key(tmp_path):
+    write(tmp_path / "base.yaml", minimal(train={"max_steps": 2, "batch_size": 4, "warmup": 3}))
+    child = write(tmp_path / "child.yaml", {"base": "base.yaml", "output_dir": "x"})
+    with pytest.raises(RecipeError) as info:
+        load_recipe(child)
+    assert info.value.source.endswith("base.yaml")
+    assert info.value.key == "train.warmup"
+
+
+def test_sleep_window_defaults_to_the_task_window(tmp_path):
+    data = minimal()
+    del data["sleep"]["window"]
+    assert resolve(load_recipe(write(tmp_path / "r.yaml", data)).recipe).sleep.window == 24
+
+
+def test_vocab_size_comes_from_the_task_tokenizer(tmp_path):
+    resolved = resolve(load_recipe(write(tmp_path / "r.yaml", minimal())).recipe)
+    assert resolved.model_config.vocab_size == len(resolved.task.tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------- malformed
+
+
+def _cycle(tmp_path: Path) -> list[str]:
+    write(tmp_path / "a.yaml", {"base": "b.yaml", **minimal()})
+    write(tmp_path / "b.yaml", {"base": "a.yaml"})
+    return [str(tmp_path / "a.yaml")]
+
+
+def _recipe(tmp_path: Path, data: dict, *overrides: str) -> list[str]:
+    return [str(write(tmp_path / "bad.yaml", data)), *(a for o in overrides for a in ("--set", o))]
+
+
+def _raw(tmp_path: Path, text: str) -> list[str]:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    return [str(path)]
+
+
+MALFORMED = {
+    # name: (build argv after `validate`, text the one-line error must contain)
+    "unknown key": (lambda t: _recipe(t, minimal(train={"max_step": 5})), "train.max_step: unknown key; did you mean"),
+    "wrong type": (lambda t: _recipe(t, minimal(train={"max_steps": "many"})), "train.max_steps"),
+    "window <= 0": (lambda t: _recipe(t, minimal(sleep={"window": 0})), "sleep.window"),
+    "passes = 0": (lambda t: _recipe(t, minimal(sleep={"passes": 0})), "sleep.passes"),
+    "loop range out of bounds": (
+        lambda t: _recipe(t, minimal(sleep={"loop_range": [0, 9]})),
+        "sleep.loop_range: [0, 9] is out of bounds",
+    ),
+    "unknown task": (lambda t: _recipe(t, minimal(task={"name": "rule111"})), "task.name: unknown task 'rule111'"),
+    "bad task option": (
+        lambda t: _recipe(t, minimal(task={"name": "rule110", "options": {"steps": 0}})),
+        "task.options",
+    ),
+    "missing file": (lambda t: [str(t / "nope.yaml")], "recipe file not found"),
+    "missing base": (lambda t: _recipe(t, {"base": "gone.yaml", **minimal()}), "base: file not found"),
+    "base cycle": (_cycle, "inheritance cycle"),
+    "bad --set path": (lambda t: _recipe(t, minimal(), "train.max_steps.x=1"), "train.max_steps is a value"),
+    "unknown --set key": (lambda t: _recipe(t, minimal(), "train.max_stepz=1"), "--set train.max_stepz=1"),
+    "--set without value": (lambda t: _recipe(t, minimal(), "train.max_steps"), "expected --set KEY.PATH=VALUE"),
+    "unknown optimizer": (lambda t: _recipe(t, minimal(optimizer={"name": "sgd"})), "optimizer.name"),
+    "invalid yaml": (lambda t: _raw(t, "train: [unclosed\n"), "invalid YAML at line"),
+    "two model sources": (lambda t: _recipe(t, minimal(model={"config": {}, "pretrained": "x"})), "exactly one of"),
+    "unknown model config key": (
+        lambda t: _recipe(t, minimal(model={"config": {"hiden_size": 8}})),
+        "model.config.hiden_size: unknown key",
+    ),
+    "ill-typed model config": (
+        lambda t: _recipe(t, minimal(model={"config": {"hidden_size": 8.5}})),
+        "model.config.hidden_size",
+    ),
+    "batch not a multiple of micro batch": (
+        lambda t: _recipe(t, minimal(train={"max_steps": 1, "batch_size": 6, "micro_batch_size": 4})),
+        "train.batch_size (6) must be a multiple",
+    ),
+    "missing section": (
+        lambda t: _recipe(t, {k: v for k, v in minimal().items() if k != "train"}),
+        "train: required key is missing",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_recipe_exits_2_with_one_line(case, tmp_path, capsys):
+    build, expected = MALFORMED[case]
+    assert main(["validate", *build(tmp_path)]) == 2
+    out = capsys.readouterr()
+    line = out.err.strip()
+    assert "\n" not in line and "Traceback" not in out.err, out.err
+    assert line.startswith("error: ") and expected in line, line
+
+
+def test_malformed_recipe_in_a_real_process_has_no_traceback(tmp_path):
+    argv = _recipe(tmp_path, minimal(sleep={"passes": 0}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "retrofit", "validate", *argv], capture_output=True, text=True, cwd=REPO
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "bad.yaml: sleep.passes" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------- shipped recipes
+
+
+def stand_in(recipe: Path, tmp_path: Path, *, shrink: bool) -> list[str]:
+    """`--set` overrides that run a recipe offline on CPU in fp32, with a small model in place of a paper-size one.
+
+    A from-scratch hybrid wider than 128 gets `SMALL_MODEL`. A Hub checkpoint becomes a local folder built from its
+    published config (shrunk in width, same blocks, so the loop range still applies; full size for a config-only
+    check), and a Hub tokenizer its local copy. A checkpoint without a local config is skipped.
+    """
+    recipe_obj = load_recipe(recipe).recipe
+    model = recipe_obj.model
+    cpu = [] if recipe_obj.train.precision == "auto" else ["train.precision=auto"]
+    if model.config is not None:
+        wide = model.config.get("model_type", "sleep_hybrid") == "sleep_hybrid" and model.config["hidden_size"] > 128
+        return cpu + (SMALL_MODEL if shrink and wide else [])
+    if model.pretrained not in PRETRAINED:
+        pytest.skip(f"no local stand-in for {model.pretrained}")
+    config_file, tokenizer_dir, shrink_changes = PRETRAINED[model.pretrained]
+    if not config_file.is_file():
+        pytest.skip(f"{config_file} is absent (the published configs live in ../shared/fixtures)")
+    folder = tmp_path / "stand-in"
+    folder.mkdir()
+    shutil.copy(config_file, folder / "config.json")
+    if shrink:
+        config = AutoConfig.from_pretrained(folder)
+        for key, value in shrink_changes.items():
+            setattr(config, key, value)
+        AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    overrides = [*cpu, f"model.pretrained={folder}"]
+    if recipe_obj.task.options.get("tokenizer") == model.pretrained:
+        overrides.append(f"task.options.tokenizer={tokenizer_dir}")
+    return overrides
+
+
+JET = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "jet-nemotron"
+PRETRAINED = {
+    "jet-ai/Jet-Nemotron-2B": (
+        JET / "config-2B.json",
+        JET,
+        {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "efficient_attention_config": {
+                "jet": {
+                    "num_heads": 2,
+                    "head_dim": 8,
+                    "expand_v": 2,
+                    "conv_size": 4,
+                    "dconv_generator_reduction": 4,
+                    "norm_eps": "1e-5",
+                },
+                "swa": {"window_size": 64},
+            },
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipe_dry_runs(recipe, tmp_path, capsys):
+    """Every recipe builds and takes one step; paper-size models are replaced by a small stand-in first."""
+    overrides = stand_in(recipe, tmp_path, shrink=True)
+    argv = ["validate", str(recipe), "--dry-run", *(a for s in overrides for a in ("--set", s))]
+    assert main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "recipe OK" in out
+    assert "parameters:" in out and "tokens per step:" in out and "passes per chunk:" in out
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipe_validates_at_full_size(recipe, tmp_path):
+    """Task, sleep and model config of every recipe (a Hub checkpoint: its published config) check out."""
+    overrides = stand_in(recipe, tmp_path, shrink=False)
+    resolved = resolve(load_recipe(recipe, overrides).recipe)
+    assert resolved.sleep.window == resolved.task.window
