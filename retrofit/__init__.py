@@ -3,12 +3,10 @@
 `import retrofit` registers every model family with `AutoConfig` and `AutoModelForCausalLM`.
 """
 
+import model_patches  # noqa: F401  (registers every model family with the Auto classes)
 from retrofit.apply import apply_sleep
 from retrofit.config import SleepConfig, SleepConfigError
 from retrofit.engine import EngineOutput, SleepEngine
-from retrofit.registry import register_families
 
 __version__ = "0.1.0"
 __all__ = ["EngineOutput", "SleepConfig", "SleepConfigError", "SleepEngine", "__version__", "apply_sleep"]
-
-register_families()

@@ -43,6 +43,6 @@ def apply_sleep(model: nn.Module, config: SleepConfig | dict[str, Any]) -> nn.Mo
 
 
 def supported_model_types() -> list[str]:
-    from retrofit.registry import MODEL_FAMILIES
+    from model_patches.registry import MODEL_FAMILIES
 
     return sorted(MODEL_FAMILIES)

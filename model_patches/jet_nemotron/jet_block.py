@@ -37,8 +37,7 @@ from model_patches.jet_nemotron.configuration import JetBlockSettings
 from retrofit.blocks import Chunk, LinearState
 from retrofit.layers.gated_deltanet import GatedDeltaNet, ShortConvolution
 from retrofit.layers.norm import GatedRMSNorm
-from retrofit.ops import gated_delta_rule
-from retrofit.ops.dynamic_conv import dynamic_conv
+from retrofit.ops import dynamic_conv, gated_delta_rule
 
 
 class KernelGenerator(nn.Module):
