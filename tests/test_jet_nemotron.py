@@ -37,16 +37,6 @@ def flat_states(states) -> list[torch.Tensor]:
     return [t for s in states if isinstance(s, LinearState) for t in (s.recurrent, *s.conv)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models spend their time in intra-op thread synchronisation, which a busy shared CPU makes 20x slower
-    (8 ms per tiny matmul with 2 threads against 0.04 ms with 1): run this module on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
     directory = tmp_path_factory.mktemp("jet-official")

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers import initialization as init
 
 from model_patches.hybrid.configuration import SleepHybridConfig
 from retrofit.layers.attention import Attention
 from retrofit.layers.decoder import DecoderLayer
-from retrofit.layers.gated_deltanet import GatedDeltaNet, ShortConvolution
+from retrofit.layers.gated_deltanet import GatedDeltaNet, init_delta_rule_parameters
 from retrofit.layers.mlp import SwiGLU
 from retrofit.layers.norm import RMSNorm
 from retrofit.layers.rope import RotaryEmbedding
@@ -40,12 +39,7 @@ class SleepHybridPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, GatedDeltaNet):
-            gates = GatedDeltaNet.initial_gates(module.num_v_heads)
-            init.copy_(module.A_log, gates[0])
-            init.copy_(module.dt_bias, gates[1])
-        elif isinstance(module, ShortConvolution):
-            init.copy_(module.weight, ShortConvolution.initial_weight(module.weight.shape))
+        init_delta_rule_parameters(module)
 
 
 class SleepHybridModel(SleepHybridPreTrainedModel):

@@ -29,15 +29,13 @@ empty history, so padded and unpadded runs give the same state.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model_patches.jet_nemotron.configuration import JetBlockSettings
 from retrofit.blocks import Chunk, LinearState
-from retrofit.layers.gated_deltanet import GatedDeltaNet, ShortConvolution
-from retrofit.layers.norm import GatedRMSNorm
-from retrofit.ops import dynamic_conv, gated_delta_rule
+from retrofit.layers.gated_deltanet import GatedDeltaRuleMixer, ShortConvolution
+from retrofit.ops import dynamic_conv
 
 
 class KernelGenerator(nn.Module):
@@ -70,54 +68,25 @@ class DynamicShortConvolution(nn.Module):
         return dynamic_conv(x, kernels, initial_state=state, output_final_state=True, activation="silu")
 
 
-class JetBlock(nn.Module):
+class JetBlock(GatedDeltaRuleMixer):
     """Jet-Nemotron's linear mixer with an explicit fast state (see the module docstring)."""
 
-    kind = "linear"
-
     def __init__(self, hidden_size: int, settings: JetBlockSettings) -> None:
-        super().__init__()
-        self.num_heads = settings.num_heads
-        self.head_k_dim, self.head_v_dim = settings.head_dim, settings.head_v_dim
-        key_dim, value_dim = settings.key_dim, settings.value_dim
-        self.q_proj = nn.Linear(hidden_size, key_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, key_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, value_dim, bias=False)
-        self.b_proj = nn.Linear(hidden_size, self.num_heads, bias=False)
-        self.a_proj = nn.Linear(hidden_size, self.num_heads, bias=False)
-        A_log, dt_bias = GatedDeltaNet.initial_gates(self.num_heads)
-        self.A_log = nn.Parameter(A_log)
-        self.dt_bias = nn.Parameter(dt_bias)
+        num_heads = settings.num_heads
+        super().__init__(hidden_size, num_heads, settings.head_dim, num_heads, settings.head_v_dim, settings.norm_eps)
+        self.q_proj = nn.Linear(hidden_size, settings.key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, settings.key_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, settings.value_dim, bias=False)
         self.dynamic_conv1d = DynamicShortConvolution(
-            value_dim, settings.conv_size, hidden_size, settings.generator_reduction
+            settings.value_dim, settings.conv_size, hidden_size, settings.generator_reduction
         )
-        self.g_proj = nn.Linear(hidden_size, value_dim, bias=False)
-        self.o_norm = GatedRMSNorm(self.head_v_dim, eps=settings.norm_eps)
-        self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
 
     def forward(self, x: Tensor, state: LinearState | None, kv: None, chunk: Chunk) -> tuple[Tensor, LinearState, None]:
-        batch, length, _ = x.shape
         keep = chunk.valid[..., None].to(x.dtype) if chunk.padded else None
         u = self.v_proj(x)
         v, conv_state = self.dynamic_conv1d(
             u if keep is None else u * keep, x, state.conv[0] if state is not None else None
         )
         q, k = F.silu(self.q_proj(x)), F.silu(self.k_proj(x))
-        gate_dtype = torch.promote_types(x.dtype, torch.float32)  # fp32 under bf16, fp64 in exact tests
-        g = -self.A_log.to(gate_dtype).exp() * F.softplus(self.a_proj(x).to(gate_dtype) + self.dt_bias.to(gate_dtype))
-        beta = self.b_proj(x).sigmoid()
-        if keep is not None:
-            g, beta = g * keep.to(gate_dtype), beta * keep
-        o, recurrent = gated_delta_rule(
-            q.view(batch, length, self.num_heads, self.head_k_dim),
-            k.view(batch, length, self.num_heads, self.head_k_dim),
-            v.view(batch, length, self.num_heads, self.head_v_dim),
-            g,
-            beta,
-            initial_state=state.recurrent if state is not None else None,
-            output_final_state=True,
-            use_qk_l2norm=True,
-        )
-        gate = self.g_proj(x).view(batch, length, self.num_heads, self.head_v_dim)
-        o = self.o_norm(o, gate).reshape(batch, length, -1)
-        return self.o_proj(o), LinearState(recurrent, (conv_state,)), None
+        out, recurrent = self.mix(x, q, k, v, state.recurrent if state is not None else None, keep)
+        return out, LinearState(recurrent, (conv_state,)), None

@@ -19,7 +19,7 @@ from model_patches.jet_nemotron.configuration import JetNemotronConfig
 from model_patches.jet_nemotron.jet_block import DynamicShortConvolution, JetBlock
 from retrofit.layers.attention import Attention
 from retrofit.layers.decoder import DecoderLayer
-from retrofit.layers.gated_deltanet import GatedDeltaNet
+from retrofit.layers.gated_deltanet import init_delta_rule_parameters
 from retrofit.layers.mlp import SwiGLU
 from retrofit.layers.norm import RMSNorm
 from retrofit.layers.rope import RotaryEmbedding
@@ -51,11 +51,8 @@ class JetNemotronPreTrainedModel(PreTrainedModel):
         Only for from-scratch models: weights loaded from a checkpoint are never re-initialised.
         """
         super()._init_weights(module)
-        if isinstance(module, JetBlock):
-            A_log, dt_bias = GatedDeltaNet.initial_gates(module.num_heads)
-            init.copy_(module.A_log, A_log)
-            init.copy_(module.dt_bias, dt_bias)
-        elif isinstance(module, DynamicShortConvolution):
+        init_delta_rule_parameters(module)
+        if isinstance(module, DynamicShortConvolution):
             init.copy_(module.kernel_generator.w2.bias, module.initial_static_kernel())
 
 

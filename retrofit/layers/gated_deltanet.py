@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import initialization as init
 
 from retrofit.blocks import Chunk, LinearState
 from retrofit.layers.norm import GatedRMSNorm
@@ -31,14 +32,69 @@ class ShortConvolution(nn.Module):
         return short_conv(x, self.weight.squeeze(1), None, initial_state=state, output_final_state=True)
 
 
-class GatedDeltaNet(nn.Module):
-    """q, k, v through short convs; the gated delta rule; a gated RMSNorm per value head; `o_proj`.
+class GatedDeltaRuleMixer(nn.Module):
+    """What every gated delta-rule mixer shares (fla's GatedDeltaNet layout, Jet-Nemotron's JetBlock).
 
-    Padded positions get `g = 0` and `beta = 0` (an exact no-op on the recurrent state) and zero conv
-    inputs, so padding never changes the fast state.
+    It owns the gate projections (`a_proj`, `b_proj`, `A_log`, `dt_bias`), the output gate `g_proj`, the
+    per-head `o_norm` and `o_proj`; a subclass makes q, k, v its own way and calls `mix`. Padded positions get
+    `g = 0` and `beta = 0`, an exact no-op on the recurrent state.
     """
 
     kind = "linear"
+
+    def __init__(
+        self, hidden_size: int, num_heads: int, head_k_dim: int, num_v_heads: int, head_v_dim: int, norm_eps: float
+    ) -> None:
+        super().__init__()
+        self.num_heads, self.head_k_dim = num_heads, head_k_dim
+        self.num_v_heads, self.head_v_dim = num_v_heads, head_v_dim
+        value_dim = num_v_heads * head_v_dim
+        self.a_proj = nn.Linear(hidden_size, num_v_heads, bias=False)
+        self.b_proj = nn.Linear(hidden_size, num_v_heads, bias=False)
+        A_log, dt_bias = self.initial_gates(num_v_heads)
+        self.A_log = nn.Parameter(A_log)
+        self.dt_bias = nn.Parameter(dt_bias)
+        self.g_proj = nn.Linear(hidden_size, value_dim, bias=False)
+        self.o_norm = GatedRMSNorm(head_v_dim, eps=norm_eps)
+        self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
+
+    @staticmethod
+    def initial_gates(num_heads: int) -> tuple[Tensor, Tensor]:
+        """fla's initialisation: `A ~ U(0.01, 16)`, `dt ~ logU(1e-3, 0.1)` stored as `softplus^-1(dt)`."""
+        A_log = torch.empty(num_heads).uniform_(1e-2, 16).log()
+        dt = torch.exp(torch.rand(num_heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+        return A_log, dt + torch.log(-torch.expm1(-dt))
+
+    def mix(
+        self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, recurrent: Tensor | None, keep: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """The gated delta rule over `q, k` `[B, T, H*K]` and `v` `[B, T, HV*V]` from state `recurrent`,
+        then the gated norm and `o_proj`. Returns the mixer output and the final recurrent state."""
+        batch, length, _ = x.shape
+        gate_dtype = torch.promote_types(x.dtype, torch.float32)  # fp32 under bf16, fp64 in exact tests
+        g = -self.A_log.to(gate_dtype).exp() * F.softplus(self.a_proj(x).to(gate_dtype) + self.dt_bias.to(gate_dtype))
+        beta = self.b_proj(x).sigmoid()
+        if keep is not None:
+            g, beta = g * keep.to(gate_dtype), beta * keep
+        o, recurrent = gated_delta_rule(
+            q.view(batch, length, self.num_heads, self.head_k_dim),
+            k.view(batch, length, self.num_heads, self.head_k_dim),
+            v.view(batch, length, self.num_v_heads, self.head_v_dim),
+            g,
+            beta,
+            initial_state=recurrent,
+            output_final_state=True,
+            use_qk_l2norm=True,
+        )
+        gate = self.g_proj(x).view(batch, length, self.num_v_heads, self.head_v_dim)
+        return self.o_proj(self.o_norm(o, gate).reshape(batch, length, -1)), recurrent
+
+
+class GatedDeltaNet(GatedDeltaRuleMixer):
+    """fla's Gated DeltaNet: q, k, v through short causal convs (SiLU), then the shared delta-rule mixing.
+
+    Padded positions also get zero conv inputs, so padding never changes the conv windows either.
+    """
 
     def __init__(
         self,
@@ -51,35 +107,16 @@ class GatedDeltaNet(nn.Module):
         conv_size: int = 4,
         norm_eps: float = 1e-5,
     ) -> None:
-        super().__init__()
-        self.num_heads, self.head_k_dim = num_heads, head_dim
-        self.num_v_heads = num_v_heads or num_heads
-        self.head_v_dim = head_v_dim or head_dim
+        super().__init__(hidden_size, num_heads, head_dim, num_v_heads or num_heads, head_v_dim or head_dim, norm_eps)
         key_dim, value_dim = num_heads * head_dim, self.num_v_heads * self.head_v_dim
         self.q_proj = nn.Linear(hidden_size, key_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, key_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, value_dim, bias=False)
-        self.g_proj = nn.Linear(hidden_size, value_dim, bias=False)
-        self.a_proj = nn.Linear(hidden_size, self.num_v_heads, bias=False)
-        self.b_proj = nn.Linear(hidden_size, self.num_v_heads, bias=False)
-        A_log, dt_bias = self.initial_gates(self.num_v_heads)
-        self.A_log = nn.Parameter(A_log)
-        self.dt_bias = nn.Parameter(dt_bias)
         self.q_conv1d = ShortConvolution(key_dim, conv_size)
         self.k_conv1d = ShortConvolution(key_dim, conv_size)
         self.v_conv1d = ShortConvolution(value_dim, conv_size)
-        self.o_norm = GatedRMSNorm(self.head_v_dim, eps=norm_eps)
-        self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
-
-    @staticmethod
-    def initial_gates(num_heads: int) -> tuple[Tensor, Tensor]:
-        """fla's initialisation: `A ~ U(0.01, 16)`, `dt ~ logU(1e-3, 0.1)` stored as `softplus^-1(dt)`."""
-        A_log = torch.empty(num_heads).uniform_(1e-2, 16).log()
-        dt = torch.exp(torch.rand(num_heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
-        return A_log, dt + torch.log(-torch.expm1(-dt))
 
     def forward(self, x: Tensor, state: LinearState | None, kv: None, chunk: Chunk) -> tuple[Tensor, LinearState, None]:
-        batch, length, _ = x.shape
         conv_state = state.conv if state is not None else (None, None, None)
         keep = chunk.valid[..., None].to(x.dtype) if chunk.padded else None
 
@@ -90,21 +127,17 @@ class GatedDeltaNet(nn.Module):
         q, q_state = conv(self.q_proj, self.q_conv1d, conv_state[0])
         k, k_state = conv(self.k_proj, self.k_conv1d, conv_state[1])
         v, v_state = conv(self.v_proj, self.v_conv1d, conv_state[2])
-        gate_dtype = torch.promote_types(x.dtype, torch.float32)  # fp32 under bf16, fp64 in exact tests
-        g = -self.A_log.to(gate_dtype).exp() * F.softplus(self.a_proj(x).to(gate_dtype) + self.dt_bias.to(gate_dtype))
-        beta = self.b_proj(x).sigmoid()
-        if keep is not None:
-            g, beta = g * keep.to(gate_dtype), beta * keep
-        o, recurrent = gated_delta_rule(
-            q.view(batch, length, self.num_heads, self.head_k_dim),
-            k.view(batch, length, self.num_heads, self.head_k_dim),
-            v.view(batch, length, self.num_v_heads, self.head_v_dim),
-            g,
-            beta,
-            initial_state=state.recurrent if state is not None else None,
-            output_final_state=True,
-            use_qk_l2norm=True,
-        )
-        gate = self.g_proj(x).view(batch, length, self.num_v_heads, self.head_v_dim)
-        o = self.o_norm(o, gate).reshape(batch, length, -1)
-        return self.o_proj(o), LinearState(recurrent, (q_state, k_state, v_state)), None
+        out, recurrent = self.mix(x, q, k, v, state.recurrent if state is not None else None, keep)
+        return out, LinearState(recurrent, (q_state, k_state, v_state)), None
+
+
+def init_delta_rule_parameters(module: nn.Module) -> None:
+    """Draw the parameters transformers' generic `_init_weights` does not know: a mixer's gates and a short
+    conv's kernel. Families call it from `_init_weights`, which runs for from-scratch models and never on
+    weights loaded from a checkpoint."""
+    if isinstance(module, GatedDeltaRuleMixer):
+        A_log, dt_bias = module.initial_gates(module.num_v_heads)
+        init.copy_(module.A_log, A_log)
+        init.copy_(module.dt_bias, dt_bias)
+    elif isinstance(module, ShortConvolution):
+        init.copy_(module.weight, ShortConvolution.initial_weight(module.weight.shape))
