@@ -6,10 +6,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, Pre
 
 from model_patches.hybrid import SleepHybridConfig, SleepHybridForCausalLM
 from model_patches.jet_nemotron import JetNemotronConfig, JetNemotronForCausalLM
+from model_patches.ouro import OuroConfig, OuroForCausalLM
 
 MODEL_FAMILIES: dict[str, tuple[type[PreTrainedConfig], type[PreTrainedModel]]] = {
     "sleep_hybrid": (SleepHybridConfig, SleepHybridForCausalLM),
     "jet_nemotron": (JetNemotronConfig, JetNemotronForCausalLM),
+    "ouro": (OuroConfig, OuroForCausalLM),
 }
 
 

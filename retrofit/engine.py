@@ -75,6 +75,11 @@ def sequence_positions(valid: Tensor, mode: str, window: int) -> Tensor:
     return (grouped.cumsum(-1) - 1).clamp(min=0).view(batch, -1)[:, :length]
 
 
+def upcast(x: Tensor) -> Tensor:
+    """`x` in at least float32: losses of bf16 models in fp32, of float64 (test) models in float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def next_token_targets(labels: Tensor, valid: Tensor | None = None) -> Tensor:
     """Targets aligned with logits: position t predicts `labels[t + 1]` (HF causal-LM convention).
 
@@ -291,13 +296,13 @@ class SleepEngine:
             logits = self.adapter.head(h)
             if targets is None:
                 return None, logits
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+            loss = F.cross_entropy(upcast(logits).flatten(0, 1), targets.flatten(), reduction="sum")
             return loss, logits
         if targets is None:
             return None, None
         selected = targets != IGNORE_INDEX
         logits = self.adapter.head(h[selected])
-        return F.cross_entropy(logits.float(), targets[selected], reduction="sum"), None
+        return F.cross_entropy(upcast(logits), targets[selected], reduction="sum"), None
 
     # ------------------------------------------------------------------ helpers
 

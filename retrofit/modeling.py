@@ -15,7 +15,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from retrofit.blocks import Chunk
 from retrofit.config import SleepConfig
-from retrofit.engine import IGNORE_INDEX, SleepEngine, next_token_targets, sequence_positions
+from retrofit.engine import IGNORE_INDEX, SleepEngine, next_token_targets, sequence_positions, upcast
 
 
 class DecoderAdapter:
@@ -92,5 +92,5 @@ class SleepCausalLMMixin:
         loss = None
         if labels is not None:
             targets = next_token_targets(labels, valid)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+            loss = F.cross_entropy(upcast(logits).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         return CausalLMOutputWithPast(loss=loss, logits=logits)

@@ -9,7 +9,7 @@ from retrofit.ops import gated_rms_norm
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 and returned in the input dtype (as Qwen2 does)."""
+    """RMSNorm computed in (at least) float32 and returned in the input dtype (as Qwen2 does)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -18,7 +18,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
-        x = x.float()
+        x = x.to(torch.promote_types(dtype, torch.float32))  # fp32 under bf16, fp64 in exact tests
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 

@@ -1,0 +1,6 @@
+"""Ouro (`model_type: ouro`): loads the published checkpoints on transformers 5, inserts Jet mixers, and sleeps."""
+
+from model_patches.ouro.configuration import OuroConfig, evenly_spaced_layers
+from model_patches.ouro.modeling import OuroForCausalLM, OuroModel
+
+__all__ = ["OuroConfig", "OuroForCausalLM", "OuroModel", "evenly_spaced_layers"]
