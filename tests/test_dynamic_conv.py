@@ -90,3 +90,20 @@ def test_rejects_mismatched_shapes():
         dynamic_conv(x, kernels, initial_state=state[..., :3])
     with pytest.raises(ValueError, match="activation"):
         dynamic_conv(x, kernels, activation="gelu")
+
+
+def test_padding_is_skipped_exactly():
+    """With `valid`, each row equals the conv over its real tokens alone (holes and left padding), state included."""
+    torch.manual_seed(0)
+    B, T, D, W = 2, 8, 3, 4
+    x, kernels = torch.randn(B, T, D, dtype=torch.float64), torch.randn(B, T, D, W, dtype=torch.float64)
+    state = torch.randn(B, D, W, dtype=torch.float64)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[0, :5], valid[1, [2, 3, 6]] = False, False
+    y, final = dynamic_conv(x, kernels, initial_state=state, output_final_state=True, activation="silu", valid=valid)
+    for b in range(B):
+        y_ref, final_ref = naive_dynamic_conv(
+            x[b : b + 1, valid[b]], kernels[b : b + 1, valid[b]], initial_state=state[b : b + 1], activation="silu"
+        )
+        torch.testing.assert_close(y[b, valid[b]], y_ref[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(final[b], final_ref[0], rtol=1e-12, atol=1e-12)

@@ -287,6 +287,21 @@ def test_padding_inside_a_chunk_leaves_the_state_untouched():
         assert close(a, b)
 
 
+@pytest.mark.parametrize("kinds", [ALL_KINDS, ("linear_attention",)])
+def test_padding_is_invisible_to_a_multi_pass_sleep(kinds):
+    """Every sleep pass replays the chunk's padding too: it must not touch the conv windows the pass carries."""
+    model = tiny_hybrid(kinds)
+    ids, _ = random_batch(1, 8, model.config.vocab_size)
+    valid = torch.tensor([[False, False, False, True, True, True, True, True]])
+    engine = engine_for(model, window=8, passes=3)
+    empty = [None] * len(kinds)
+    with torch.no_grad():
+        padded, _ = engine.sleep(ids, 0, sequence_positions(valid, "global", 8), empty, empty, valid)
+        real, _ = engine.sleep(ids[:, 3:], 0, torch.arange(5)[None], empty, empty)
+    for a, b in zip(flat_states(padded), flat_states(real), strict=True):
+        assert close(a, b)
+
+
 def test_padded_and_unpadded_rows_in_one_batch():
     model = tiny_hybrid()
     ids, labels = random_batch(2, 12, model.config.vocab_size)

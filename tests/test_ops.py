@@ -291,3 +291,25 @@ def test_forcing_fla_on_cpu_raises_clear_error(monkeypatch: pytest.MonkeyPatch):
         message = str(info.value)
         for needle in ("RETROFIT_OPS=fla", "CUDA", "triton", "pip install", "RETROFIT_OPS=torch"):
             assert needle in message, (needle, message)
+
+
+@pytest.mark.parametrize("pattern", ["left", "holes", "right"])
+def test_short_conv_skips_padding_exactly(pattern):
+    """With `valid`, each row equals the conv over its real tokens alone, from the same state."""
+    torch.manual_seed(0)
+    B, T, D, W = 3, 9, 5, 4
+    x, weight = torch.randn(B, T, D, dtype=torch.float64), torch.randn(D, W, dtype=torch.float64)
+    state = torch.randn(B, D, W, dtype=torch.float64)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    if pattern == "left":
+        valid[0, :3], valid[1, :8] = False, False
+    elif pattern == "holes":
+        valid[0, [1, 4, 5]], valid[2, ::2] = False, False
+    else:
+        valid[1, 6:] = False
+    y, final = short_conv(x, weight, initial_state=state, output_final_state=True, valid=valid)
+    for b in range(B):
+        real = x[b : b + 1, valid[b]]
+        y_ref, final_ref = naive_short_conv(real, weight, initial_state=state[b : b + 1])
+        torch.testing.assert_close(y[b, valid[b]], y_ref[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(final[b], final_ref[0], rtol=1e-12, atol=1e-12)

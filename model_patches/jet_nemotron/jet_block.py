@@ -22,9 +22,9 @@ like S rather than reset per pass, so that a one-pass sleep is bit-for-bit strea
 N replays of the same stream; resetting only the conv state would make the first tokens of each replay see a
 history that never happened.
 
-Padding: padded positions get g = 0 and beta = 0 (an exact no-op on S) and a zero conv input, as
-`retrofit.layers.gated_deltanet.GatedDeltaNet` does; at the start of a sequence (left padding) the zeros equal the
-empty history, so padded and unpadded runs give the same state.
+Padding: padded positions get g = 0 and beta = 0 (an exact no-op on S), and the dynamic conv skips them exactly
+(`retrofit.ops.padding`), as `retrofit.layers.gated_deltanet.GatedDeltaNet` does, so padding leaves every state as
+it was, also when a sleep pass replays a padded chunk on top of a live conv window.
 """
 
 from __future__ import annotations
@@ -62,10 +62,13 @@ class DynamicShortConvolution(nn.Module):
         """A from-scratch init for w2's bias (the static kernel): `nn.Conv1d`'s, in w2's `(dim, tap)` layout."""
         return ShortConvolution.initial_weight((self.dim, 1, self.kernel_size)).flatten()
 
-    def forward(self, x: Tensor, generator_input: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
-        """x `[B, T, dim]`, generator_input `[B, T, *]`, state `[B, dim, W]` or None -> (y, final state)."""
+    def forward(
+        self, x: Tensor, generator_input: Tensor, state: Tensor | None, valid: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """x `[B, T, dim]`, generator_input `[B, T, *]`, state `[B, dim, W]` or None -> (y, final state).
+        Positions where `valid` is False (padding) are skipped exactly."""
         kernels = self.kernel_generator(generator_input).unflatten(-1, (self.dim, self.kernel_size))
-        return dynamic_conv(x, kernels, initial_state=state, output_final_state=True, activation="silu")
+        return dynamic_conv(x, kernels, initial_state=state, output_final_state=True, activation="silu", valid=valid)
 
 
 class JetBlock(GatedDeltaRuleMixer):
@@ -82,11 +85,9 @@ class JetBlock(GatedDeltaRuleMixer):
         )
 
     def forward(self, x: Tensor, state: LinearState | None, kv: None, chunk: Chunk) -> tuple[Tensor, LinearState, None]:
-        keep = chunk.valid[..., None].to(x.dtype) if chunk.padded else None
-        u = self.v_proj(x)
-        v, conv_state = self.dynamic_conv1d(
-            u if keep is None else u * keep, x, state.conv[0] if state is not None else None
-        )
+        valid = chunk.valid if chunk.padded else None
+        keep = valid[..., None].to(x.dtype) if valid is not None else None
+        v, conv_state = self.dynamic_conv1d(self.v_proj(x), x, state.conv[0] if state is not None else None, valid)
         q, k = F.silu(self.q_proj(x)), F.silu(self.k_proj(x))
         out, recurrent = self.mix(x, q, k, v, state.recurrent if state is not None else None, keep)
         return out, LinearState(recurrent, (conv_state,)), None

@@ -28,8 +28,9 @@ class ShortConvolution(nn.Module):
         nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
         return weight
 
-    def forward(self, x: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
-        return short_conv(x, self.weight.squeeze(1), None, initial_state=state, output_final_state=True)
+    def forward(self, x: Tensor, state: Tensor | None, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Conv from `state`; positions where `valid` is False are skipped exactly (padding)."""
+        return short_conv(x, self.weight.squeeze(1), None, initial_state=state, output_final_state=True, valid=valid)
 
 
 class GatedDeltaRuleMixer(nn.Module):
@@ -93,7 +94,7 @@ class GatedDeltaRuleMixer(nn.Module):
 class GatedDeltaNet(GatedDeltaRuleMixer):
     """fla's Gated DeltaNet: q, k, v through short causal convs (SiLU), then the shared delta-rule mixing.
 
-    Padded positions also get zero conv inputs, so padding never changes the conv windows either.
+    The convs skip padded positions exactly, so padding never changes the conv windows either.
     """
 
     def __init__(
@@ -118,15 +119,11 @@ class GatedDeltaNet(GatedDeltaRuleMixer):
 
     def forward(self, x: Tensor, state: LinearState | None, kv: None, chunk: Chunk) -> tuple[Tensor, LinearState, None]:
         conv_state = state.conv if state is not None else (None, None, None)
-        keep = chunk.valid[..., None].to(x.dtype) if chunk.padded else None
-
-        def conv(proj: nn.Linear, layer: ShortConvolution, cached: Tensor | None) -> tuple[Tensor, Tensor]:
-            y = proj(x)
-            return layer(y if keep is None else y * keep, cached)
-
-        q, q_state = conv(self.q_proj, self.q_conv1d, conv_state[0])
-        k, k_state = conv(self.k_proj, self.k_conv1d, conv_state[1])
-        v, v_state = conv(self.v_proj, self.v_conv1d, conv_state[2])
+        valid = chunk.valid if chunk.padded else None
+        keep = valid[..., None].to(x.dtype) if valid is not None else None
+        q, q_state = self.q_conv1d(self.q_proj(x), conv_state[0], valid)
+        k, k_state = self.k_conv1d(self.k_proj(x), conv_state[1], valid)
+        v, v_state = self.v_conv1d(self.v_proj(x), conv_state[2], valid)
         out, recurrent = self.mix(x, q, k, v, state.recurrent if state is not None else None, keep)
         return out, LinearState(recurrent, (q_state, k_state, v_state)), None
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from retrofit.ops.gated_delta_rule import select_fla_module
+from retrofit.ops.padding import last_real_inputs, put_time, real_tokens_first, take_time
 
 _FLA_CONV_MODULE = "fla.modules.causal_conv1d"
 _ACTIVATIONS = (None, "silu")
@@ -27,6 +28,7 @@ def short_conv(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     activation: str | None = "silu",
+    valid: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Causal depthwise conv: y[t] = act(bias + sum_w weight[:, w] * xx[t + w]), xx = cat(state[..., 1:], x) in time.
 
@@ -35,6 +37,8 @@ def short_conv(
         initial_state: [B, D, W], the last W inputs before x (zeros if None); it receives a gradient.
         output_final_state: also return the last W inputs of cat(state, x) as [B, D, W] (also right when T < W),
             which is the state for the next call.
+        valid: [B, T] bool, False on padding: padded positions are skipped exactly (`retrofit.ops.padding`);
+            their outputs are meaningless and the final state holds the last W real inputs.
 
     Returns:
         y [B, T, D] in x's dtype, and the final state [B, D, W] in x's dtype or None.
@@ -50,11 +54,16 @@ def short_conv(
     if initial_state is not None and initial_state.shape != (B, D, W):
         raise ValueError(f"initial_state must be [B, D, W]={(B, D, W)}, got {tuple(initial_state.shape)}.")
     state = x.new_zeros(B, D, W) if initial_state is None else initial_state.to(x.dtype)
+    order = real_tokens_first(valid) if valid is not None else None
+    if order is not None:
+        x = take_time(x, order)
     fla = select_fla_module(x, _FLA_CONV_MODULE)
     if fla is None:
         y = _short_conv_torch(x, weight, bias, state, activation)
     else:
         y, _ = fla.causal_conv1d(x=x, weight=weight, bias=bias, initial_state=initial_state, activation=activation)
+    if order is not None:
+        return put_time(y, order), last_real_inputs(state, x, valid) if output_final_state else None
     final_state = torch.cat([state, x[:, -W:].transpose(1, 2)], dim=-1)[..., -W:] if output_final_state else None
     return y, final_state
 

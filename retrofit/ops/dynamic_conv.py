@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from retrofit.ops.padding import last_real_inputs, put_time, real_tokens_first, take_time
+
 _ACTIVATIONS = (None, "silu")
 
 
@@ -29,6 +31,7 @@ def dynamic_conv(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     activation: str | None = None,
+    valid: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Causal depthwise conv with a per-token kernel.
 
@@ -38,6 +41,8 @@ def dynamic_conv(
         initial_state: [B, D, W], the last W inputs before x (zeros if None); it receives a gradient.
         output_final_state: also return the last W inputs of cat(state, x) in time (right also when T < W).
         activation: None (the plain convolution) or "silu".
+        valid: [B, T] bool, False on padding: padded positions are skipped exactly (`retrofit.ops.padding`);
+            their outputs are meaningless and the final state holds the last W real inputs.
 
     Returns:
         y [B, T, D] in x's dtype (accumulated in float32, float64 for float64 inputs), and the final state
@@ -54,6 +59,11 @@ def dynamic_conv(
     if initial_state is not None and initial_state.shape != (B, D, W):
         raise ValueError(f"initial_state must be [B, D, W]={(B, D, W)}, got {tuple(initial_state.shape)}.")
     state = x.new_zeros(B, D, W) if initial_state is None else initial_state.to(x.dtype)
+    if valid is not None:
+        order = real_tokens_first(valid)
+        packed = take_time(x, order)
+        y, _ = dynamic_conv(packed, take_time(kernels, order), initial_state=state, activation=activation)
+        return put_time(y, order), last_real_inputs(state, packed, valid) if output_final_state else None
     # Time-major history: the state's last W - 1 inputs, then x. Tap w of token t reads history[:, t + w].
     history = torch.cat([state[..., 1:].transpose(1, 2), x], dim=1)  # [B, T + W - 1, D]
     compute = torch.promote_types(x.dtype, torch.float32)
