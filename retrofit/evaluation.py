@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from retrofit.engine import IGNORE_INDEX, next_token_targets
+from retrofit.recipes import RecipeError
 from retrofit.recipes.schema import EvalSection
 from retrofit.tasks import Task
 from retrofit.training.data import collate
@@ -62,10 +63,20 @@ class EvalResult:
 
 
 def load_eval_set(section: EvalSection, task: Task) -> datasets.Dataset:
-    """The recipe's eval set: the frozen file in data/ (or `eval.path`), or a freshly generated one."""
+    """The recipe's eval set: the frozen file in data/ (or `eval.path`), or a freshly generated one.
+
+    Raises `RecipeError` when the frozen set has no example in the task's difficulty buckets.
+    """
     if section.source == "generated":
         return task.eval_dataset(section.num_per_difficulty, section.seed)
-    return task.load_frozen_eval(section.path)
+    dataset = task.load_frozen_eval(section.path)
+    if len(dataset) == 0:
+        raise RecipeError(
+            "eval.source",
+            f"the frozen eval set has no examples for difficulties {task.eval_difficulties}; "
+            "use eval.source: generated or other eval.task_options",
+        )
+    return dataset
 
 
 @torch.no_grad()

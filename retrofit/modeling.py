@@ -3,10 +3,14 @@
 A model family subclasses its `PreTrainedModel` from `SleepCausalLMMixin` and lays its modules out as
 `model.embed_tokens`, `model.layers` (blocks following `retrofit.blocks.SleepBlock`), `model.norm`,
 `model.rotary_emb` and `lm_head`. Without a `sleep_config` the model runs its plain forward; with one
-(set by `retrofit.apply_sleep` or loaded from `config.json`) the forward runs through `SleepEngine`.
+(set by `retrofit.apply_sleep` or loaded from `config.json`) the forward runs through `SleepEngine`, and with a
+cache (`past_key_values`, or `use_cache=True`) it streams new tokens through `retrofit.generation.SleepCache`, which
+is what `generate` does. `from_pretrained` refuses a checkpoint whose weights do not match its config.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +20,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from retrofit.blocks import Chunk
 from retrofit.config import SleepConfig
 from retrofit.engine import IGNORE_INDEX, SleepEngine, next_token_targets, sequence_positions, upcast
+from retrofit.generation import SleepCache
 
 
 class DecoderAdapter:
@@ -64,18 +69,67 @@ class SleepCausalLMMixin:
         attention_mask: Tensor | None = None,
         labels: Tensor | None = None,
         return_logits: bool | None = None,
+        past_key_values: SleepCache | None = None,
+        use_cache: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Causal-LM forward. `labels` follow the HF convention (-100 ignored, shifted inside).
 
         A sleeping model returns logits when there are no labels or when `return_logits=True`; with labels
-        alone it computes the head at label positions only.
+        alone it computes the head at label positions only. With `past_key_values` (or `use_cache=True`) it
+        streams `input_ids` (the new tokens) through the cache and returns their logits and the cache;
+        `attention_mask` then covers the whole stream, as `generate` passes it.
         """
+        if self.sleep_config is not None and (past_key_values is not None or use_cache):
+            if labels is not None:
+                raise ValueError("labels are not supported with a cache: call the model without past_key_values")
+            cache = SleepCache() if past_key_values is None else past_key_values
+            if not isinstance(cache, SleepCache):
+                raise TypeError(f"a sleeping model streams through a SleepCache, not a {type(cache).__name__}")
+            new = input_ids.shape[1]
+            valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            logits = cache.step(self.sleep_engine(), input_ids, valid[:, -new:])
+            return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
         if self.sleep_config is not None:
             want_logits = labels is None if return_logits is None else return_logits
             out = self.sleep_engine().forward(input_ids, attention_mask, labels, return_logits=want_logits)
             return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
         return self.plain_forward(input_ids, attention_mask, labels)
+
+    def sleep(self, cache: SleepCache) -> int:
+        """Consolidate the current partial window of `cache` now (idle-time sleep); return the tokens consolidated.
+
+        The chunk so far sleeps from its starting state and is evicted; the next token starts a new chunk.
+        """
+        with torch.no_grad():
+            return cache.consolidate(self.sleep_engine())
+
+    def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict, *args: Any) -> None:
+        """`generate` hook: a sleeping model streams through a `SleepCache`; a plain model recomputes each step.
+
+        The plain forward keeps no KV, so it must see the whole sequence at every step (`use_cache=False`).
+        """
+        if self.sleep_config is None:
+            generation_config.use_cache = False
+            return
+        cache = model_kwargs.get("past_key_values")
+        if cache is not None:
+            if not isinstance(cache, SleepCache):
+                raise TypeError(f"a sleeping model generates with a SleepCache, not a {type(cache).__name__}")
+            cache._is_user_defined = True
+        elif generation_config.use_cache is not False:
+            model_kwargs["past_key_values"] = SleepCache()
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """`PreTrainedModel.from_pretrained`, refusing weights that do not match the config (transformers only
+        warns about missing and unexpected keys): raises `ValueError` naming the first bad key."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        ignore_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        check_loading_info(info, source, check_shapes=not ignore_mismatched)
+        return (model, info) if wants_info else model
 
     def plain_forward(
         self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None
@@ -94,3 +148,23 @@ class SleepCausalLMMixin:
             targets = next_token_targets(labels, valid)
             loss = F.cross_entropy(upcast(logits).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+def check_loading_info(info: dict[str, Any], source: Any, *, check_shapes: bool = True) -> None:
+    """Raise `ValueError` naming the first missing, unexpected or mis-shaped weight of a load from `source`."""
+    problems = [
+        (sorted(info.get("missing_keys", ())), "is missing from the checkpoint"),
+        (sorted(info.get("unexpected_keys", ())), "is in the checkpoint but not in the model its config describes"),
+    ]
+    if check_shapes:
+        mismatched = sorted(info.get("mismatched_keys", ()))
+        problems.append(
+            ([f"{k} (checkpoint {tuple(a)}, model {tuple(b)})" for k, a, b in mismatched], "has the wrong shape")
+        )
+    for keys, what in problems:
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise ValueError(
+                f"{source}: weight {keys[0]} {what}{more}. The weights do not match config.json: load the folder "
+                "that was saved with this config, or fix the config (layer types, sizes, sleep retrofit) to match"
+            )

@@ -341,12 +341,15 @@ QWEN_TOKENIZER = REPO.parent / "shared" / "fixtures" / "jet-nemotron"  # any loc
 
 
 def ouro_recipe(name: str, tmp_path: Path):
-    """Load a shipped Ouro recipe with the Hub checkpoint replaced by a local config of Ouro-1.4B's shape."""
+    """Load a shipped Ouro recipe with the Hub checkpoint replaced by a local config of Ouro-1.4B's shape.
+
+    Ouro's own tokenizer is not available offline, so the stand-in reads the Qwen2 fixture tokenizer and its
+    vocabulary is sized to cover it (the recipe refuses a model whose vocabulary is smaller than the tokenizer)."""
     if not QWEN_TOKENIZER.is_dir():
         pytest.skip(f"{QWEN_TOKENIZER} is absent (the fixtures live in ../shared/fixtures)")
     published = tiny_config(num_layers=24, total_ut_steps=4) | {
         "hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 16, "num_key_value_heads": 16,
-        "vocab_size": 49152, "rope_theta": 1e6,
+        "vocab_size": 151936, "rope_theta": 1e6,
     }  # fmt: skip
     (tmp_path / "config.json").write_text(json.dumps(published))
     overrides = [f"model.pretrained={tmp_path}", f"task.options.tokenizer={QWEN_TOKENIZER}"]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
+import json
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -172,6 +174,14 @@ MALFORMED = {
         lambda t: _recipe(t, minimal(train={"max_steps": 1, "batch_size": 6, "micro_batch_size": 4})),
         "train.batch_size (6) must be a multiple",
     ),
+    "missing eval file": (
+        lambda t: _recipe(t, minimal(eval={"path": str(t / "gone.jsonl")})),
+        "eval.path: no frozen eval set",
+    ),
+    "frozen eval without the buckets": (
+        lambda t: [*_recipe(t, minimal(task={"name": "rule110", "options": {"steps": 3}})), "--dry-run"],
+        "eval.source: the frozen eval set has no examples for difficulties [3]",
+    ),
     "missing section": (
         lambda t: _recipe(t, {k: v for k, v in minimal().items() if k != "train"}),
         "train: required key is missing",
@@ -202,43 +212,52 @@ def test_malformed_recipe_in_a_real_process_has_no_traceback(tmp_path):
 # ---------------------------------------------------------------------------------------------- shipped recipes
 
 
-def stand_in(recipe: Path, tmp_path: Path, *, shrink: bool) -> list[str]:
-    """`--set` overrides that run a recipe offline on CPU in fp32, with a small model in place of a paper-size one.
+# Problems of 300-500 tokens in windows of 128 instead of 2000-3300 in 2000: the CPU kernels would take minutes.
+SHORT_GSM = [
+    "task.options.min_tokens=300",
+    "task.options.max_tokens=500",
+    "task.options.window=128",
+    "sleep.window=128",
+]
 
-    A from-scratch hybrid wider than 128 gets `SMALL_MODEL`. A Hub checkpoint becomes a local folder built from its
-    published config (shrunk in width, same blocks, so the loop range still applies; full size for a config-only
-    check), and a Hub tokenizer its local copy. A checkpoint without a local config is skipped.
-    """
-    recipe_obj = load_recipe(recipe).recipe
-    model = recipe_obj.model
-    cpu = [] if recipe_obj.train.precision == "auto" else ["train.precision=auto"]
-    if model.config is not None:
-        wide = model.config.get("model_type", "sleep_hybrid") == "sleep_hybrid" and model.config["hidden_size"] > 128
-        return cpu + (SMALL_MODEL if shrink and wide else [])
-    if model.pretrained not in PRETRAINED:
-        pytest.skip(f"no local stand-in for {model.pretrained}")
-    config_file, tokenizer_dir, shrink_changes = PRETRAINED[model.pretrained]
-    if not config_file.is_file():
-        pytest.skip(f"{config_file} is absent (the published configs live in ../shared/fixtures)")
-    folder = tmp_path / "stand-in"
-    folder.mkdir()
-    shutil.copy(config_file, folder / "config.json")
-    if shrink:
-        config = AutoConfig.from_pretrained(folder)
-        for key, value in shrink_changes.items():
-            setattr(config, key, value)
-        AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    overrides = [*cpu, f"model.pretrained={folder}"]
-    if recipe_obj.task.options.get("tokenizer") == model.pretrained:
-        overrides.append(f"task.options.tokenizer={tokenizer_dir}")
-    return overrides
+
+@dataclass(frozen=True)
+class StandIn:
+    """A local replacement for a Hub checkpoint: its config.json (as a dict), its tokenizer and a shrink."""
+
+    config: Callable[[], dict]
+    tokenizer: str | None  # a local tokenizer folder, or None for the task's own local tokenizer
+    shrink: dict
 
 
 JET = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "jet-nemotron"
+
+
+def _published_jet_2b() -> dict:
+    path = JET / "config-2B.json"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent (the published configs live in ../shared/fixtures)")
+    return json.loads(path.read_text())
+
+
+def _tiny_ouro() -> dict:
+    from tests.ouro_checkpoint import tiny_config
+
+    mixers = {
+        "num_heads": 2,
+        "head_dim": 8,
+        "expand_v": 2,
+        "conv_size": 4,
+        "dconv_generator_reduction": 4,
+        "norm_eps": "1e-5",
+    }
+    return tiny_config(num_layers=6, total_ut_steps=4) | {"vocab_size": 1024, "jet_mixer_config": mixers}
+
+
 PRETRAINED = {
-    "jet-ai/Jet-Nemotron-2B": (
-        JET / "config-2B.json",
-        JET,
+    "jet-ai/Jet-Nemotron-2B": StandIn(
+        _published_jet_2b,
+        str(JET),
         {
             "hidden_size": 32,
             "intermediate_size": 64,
@@ -258,13 +277,49 @@ PRETRAINED = {
             },
         },
     ),
+    # No published Ouro config is stored locally: a tiny one of the same layout, with the task's local tokenizer.
+    "ByteDance/Ouro-1.4B": StandIn(_tiny_ouro, None, {}),
 }
+
+
+def stand_in(recipe: Path, tmp_path: Path, *, build: bool) -> list[str]:
+    """`--set` overrides that run a recipe offline on CPU in fp32, with a small model in place of a paper-size one.
+
+    A from-scratch hybrid wider than 128 gets `SMALL_MODEL` (with `build`). A Hub checkpoint becomes a local folder
+    made from its config (with `build`: shrunk in width, same blocks, so the loop range still applies, and with
+    random weights, and GSM-Infinite problems shortened), and a Hub tokenizer its local stand-in.
+    """
+    recipe_obj = load_recipe(recipe).recipe
+    model = recipe_obj.model
+    cpu = [] if recipe_obj.train.precision == "auto" else ["train.precision=auto"]
+    if model.config is not None:
+        wide = model.config.get("model_type", "sleep_hybrid") == "sleep_hybrid" and model.config["hidden_size"] > 128
+        return cpu + (SMALL_MODEL if build and wide else [])
+    if model.pretrained not in PRETRAINED:
+        pytest.skip(f"no local stand-in for {model.pretrained}")
+    spec = PRETRAINED[model.pretrained]
+    folder = tmp_path / "stand-in"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(spec.config()))
+    if build:
+        config = AutoConfig.from_pretrained(folder)
+        for key, value in spec.shrink.items():
+            setattr(config, key, value)
+        AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    overrides = [*cpu, f"model.pretrained={folder}"]
+    if recipe_obj.task.options.get("tokenizer") == model.pretrained:
+        overrides.append(f"task.options.tokenizer={spec.tokenizer or 'null'}")
+    if build and recipe_obj.task.name == "gsm_infinite":
+        overrides += SHORT_GSM
+    return overrides
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_shipped_recipe_dry_runs(recipe, tmp_path, capsys):
     """Every recipe builds and takes one step; paper-size models are replaced by a small stand-in first."""
-    overrides = stand_in(recipe, tmp_path, shrink=True)
+    if load_recipe(recipe).recipe.stages is not None:
+        pytest.xfail("stages: are reserved in this version's schema; the trainer runs them from issue 5 on")
+    overrides = stand_in(recipe, tmp_path, build=True)
     argv = ["validate", str(recipe), "--dry-run", *(a for s in overrides for a in ("--set", s))]
     assert main(argv) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
@@ -274,7 +329,9 @@ def test_shipped_recipe_dry_runs(recipe, tmp_path, capsys):
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_shipped_recipe_validates_at_full_size(recipe, tmp_path):
-    """Task, sleep and model config of every recipe (a Hub checkpoint: its published config) check out."""
-    overrides = stand_in(recipe, tmp_path, shrink=False)
+    """Task, sleep and model config of every recipe check out (a Hub checkpoint: its published config if local)."""
+    if load_recipe(recipe).recipe.stages is not None:
+        pytest.xfail("stages: are reserved in this version's schema; the trainer runs them from issue 5 on")
+    overrides = stand_in(recipe, tmp_path, build=False)
     resolved = resolve(load_recipe(recipe, overrides).recipe)
     assert resolved.sleep.window == resolved.task.window

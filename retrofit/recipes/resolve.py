@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ import retrofit  # noqa: F401  (registers the model families with AutoConfig)
 from retrofit.config import SleepConfig, SleepConfigError
 from retrofit.recipes.loader import RecipeError
 from retrofit.recipes.schema import Recipe
-from retrofit.tasks import Task, get_task
+from retrofit.tasks import DATA_DIR, Task, get_task
 
 DEFAULT_MODEL_TYPE = "sleep_hybrid"
 
@@ -45,6 +46,12 @@ def resolve(recipe: Recipe) -> ResolvedRecipe:
     task = _task(recipe.task.name, recipe.task.options, "task.options")
     eval_task = _task(recipe.task.name, {**recipe.task.options, **recipe.eval.task_options}, "eval.task_options")
     sleep = sleep_config(recipe.sleep, task.window)
+    if recipe.eval.source == "frozen":
+        frozen = Path(recipe.eval.path) if recipe.eval.path else DATA_DIR / task.name / "eval.jsonl"
+        if not frozen.is_file():
+            raise RecipeError(
+                "eval.path", f"no frozen eval set at {frozen}; fix the path or use eval.source: generated"
+            )
     model_config = _model_config(recipe, len(task.tokenizer))
     num_blocks = getattr(model_config, "num_hidden_layers", None)
     if isinstance(num_blocks, int):
@@ -87,12 +94,19 @@ def _model_config(recipe: Recipe, vocab: int) -> PreTrainedConfig:
     section = recipe.model
     if section.pretrained is not None:
         try:
-            return AutoConfig.from_pretrained(section.pretrained, revision=section.revision)
+            config = AutoConfig.from_pretrained(section.pretrained, revision=section.revision)
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RecipeError(
                 "model.pretrained", f"cannot load the config of {section.pretrained!r}: {first}"
             ) from None
+        if config.vocab_size < vocab:
+            raise RecipeError(
+                "model.pretrained",
+                f"its vocabulary ({config.vocab_size}) is smaller than the task tokenizer ({vocab} tokens); "
+                "give the task the model's tokenizer (task.options.tokenizer)",
+            )
+        return config
     values = dict(section.config or {})
     model_type = values.pop("model_type", DEFAULT_MODEL_TYPE)
     try:

@@ -9,7 +9,8 @@ A recipe is one YAML file per run (see `recipes/`). Sections:
 - `train`: steps, batch sizes, precision, checkpoints and logging;
 - `optimizer`: Muon for the blocks' matrices plus AdamW for the rest, or AdamW alone, with the LR schedule;
 - `eval`: the evaluation by difficulty bucket;
-- `launch`, `adapter`, `stages`: reserved for multi-GPU launch configs, LoRA and staged training.
+- `adapter`: LoRA (`adapter: lora`, or a mapping with `type: lora` and its options; see `retrofit.lora`);
+- `launch`, `stages`: reserved for multi-GPU launch configs and staged training.
 
 The checks that need a task or a model (task options, sleep fields, loop range against the block count) live in
 `retrofit.recipes.resolve`; this module only checks shapes and types.
@@ -137,6 +138,26 @@ class LaunchSection(Section):
     deepspeed_config: str | None = None
 
 
+class AdapterSection(Section):
+    """LoRA through PEFT (`retrofit.lora.apply_lora`); `adapter: lora` alone takes every default.
+
+    `target_modules: null` targets the attention and linear-mixer projections (`retrofit.lora.DEFAULT_TARGETS`);
+    `modules_to_save: null` fully trains the modules the retrofit inserted (Ouro's Jet mixers).
+    """
+
+    type: Literal["lora"] = "lora"
+    r: PositiveInt = 16
+    alpha: PositiveFloat = 32.0
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] | None = None
+    modules_to_save: list[str] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"type": data} if isinstance(data, str) else data
+
+
 class StageSection(Section):
     """Reserved: one stage of staged training (e.g. warm up new layers with hard eviction first)."""
 
@@ -159,7 +180,7 @@ class Recipe(Section):
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     launch: LaunchSection = Field(default_factory=LaunchSection)
-    adapter: dict[str, Any] | None = None
+    adapter: AdapterSection | None = None
     stages: list[StageSection] | None = None
 
     @property

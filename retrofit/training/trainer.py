@@ -33,6 +33,7 @@ from retrofit.training.checkpoint import (
     MODEL_DIR,
     RECIPE_FILE,
     TrainerState,
+    checkpoint_dir,
     list_checkpoints,
     load_checkpoint,
     register_model_hooks,
@@ -112,6 +113,7 @@ def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = 
     accum = accumulation_steps(recipe, accelerator.num_processes)
     if overwrite and resume_from is None and accelerator.is_main_process:
         shutil.rmtree(output_dir / CHECKPOINTS, ignore_errors=True)
+    accelerator.wait_for_everyone()
     set_seed(recipe.seed)
     model = build_model(resolved)
     optimizer = build_optimizer(model, recipe.optimizer)
@@ -134,7 +136,8 @@ def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = 
 
     pad_id = task.tokenizer.pad_token_id
     rank, world = accelerator.process_index, accelerator.num_processes
-    last_checkpoint = list_checkpoints(output_dir)[-1] if list_checkpoints(output_dir) else None
+    checkpoints = list_checkpoints(output_dir)
+    last_checkpoint = checkpoints[-1] if checkpoints else None
     progress = tqdm(
         total=train_cfg.max_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process
     )
@@ -209,7 +212,7 @@ def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = 
     progress.close()
 
     # ---- finish: final checkpoint and model, evaluation, report
-    if last_checkpoint is None or last_checkpoint.name != f"step_{state.step:06d}":
+    if last_checkpoint != checkpoint_dir(output_dir, state.step):
         save_checkpoint(accelerator, output_dir, state, recipe_yaml, train_cfg.keep_checkpoints)
     result = evaluate(
         model,
@@ -244,7 +247,10 @@ class DryRunReport:
 
 
 def dry_run(loaded: LoadedRecipe, examples: int = 2) -> DryRunReport:
-    """Build model and data, apply sleep, and run one optimizer step on `examples` examples; write nothing."""
+    """Build model, training and eval data, apply sleep, and take one optimizer step on `examples` examples.
+
+    Writes nothing.
+    """
     recipe = loaded.recipe
     resolved = resolve(recipe)
     accelerator = make_accelerator(recipe, trackers=False)
@@ -255,6 +261,7 @@ def dry_run(loaded: LoadedRecipe, examples: int = 2) -> DryRunReport:
     optimizer = build_optimizer(model, recipe.optimizer)
     scheduler = build_scheduler(optimizer, recipe.optimizer, recipe.train.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    load_eval_set(recipe.eval, resolved.eval_task)
     batch = micro_batch(resolved.task, recipe.seed, 0, range(examples), resolved.task.tokenizer.pad_token_id)
     loss = model(**{k: v.to(accelerator.device) for k, v in batch.items()}).loss
     accelerator.backward(loss)

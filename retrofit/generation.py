@@ -1,0 +1,219 @@
+"""Streaming inference with sleep: `SleepCache`, the cached forward behind `model.generate`, and `retrofit generate`.
+
+Inference reads a stream of tokens (prompt and generated alike) in chunks of L tokens (DESIGN.md, "Semantics"):
+
+* every new token gets one wake pass: all blocks once, from the streaming fast states, attending to the retained
+  KV window plus the earlier tokens of its chunk. A prompt is processed in segments that end at chunk boundaries,
+  which computes the same as one token at a time;
+* when a token arrives and the current chunk already holds L tokens, the chunk sleeps first: `SleepEngine.sleep`
+  runs its N passes FROM THE STATE AT THE CHUNK'S START (the engine reuses the wake pass as the first pass) and
+  evicts, returning the next chunk's starting states and retained windows (none under hard eviction, the last L-1
+  wake tokens under sliding). Sleeping lazily, only once a next token exists, is what `SleepEngine.forward` does
+  (a chunk sleeps when another follows it), so greedy decoding equals the argmax of the engine's wake logits;
+* `consolidate` (`model.sleep(cache)`) sleeps the current chunk now, full or not, and starts a new chunk at the
+  current position: what a server can do while it waits for the user.
+
+KV memory is bounded: each attention block holds at most L-1 retained tokens plus the current chunk (<= L tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache
+
+from retrofit.blocks import BlockState, KVWindow
+from retrofit.engine import SleepEngine
+
+
+def _join(first: KVWindow | None, second: KVWindow | None) -> KVWindow | None:
+    if first is None:
+        return second
+    if second is None:
+        return first
+    return first.extend(second)
+
+
+@dataclass
+class _ChunkTokens:
+    """The current chunk's tokens so far: ids, RoPE positions and validity, each `[B, c]`."""
+
+    ids: Tensor
+    positions: Tensor
+    valid: Tensor
+
+    def append(self, ids: Tensor, positions: Tensor, valid: Tensor) -> None:
+        self.ids = torch.cat([self.ids, ids], dim=1)
+        self.positions = torch.cat([self.positions, positions], dim=1)
+        self.valid = torch.cat([self.valid, valid], dim=1)
+
+    @property
+    def length(self) -> int:
+        return self.ids.shape[1]
+
+
+class SleepCache(Cache):
+    """The streaming state of a sleeping model, as a transformers `Cache` that `generate` carries between steps.
+
+    `generate` makes one; pass `past_key_values=SleepCache()` to keep it (to `model.sleep(cache)` when idle, or to
+    continue the stream with more tokens). Its per-block lists are sized to the model on the first step.
+
+    Attributes:
+        chunk_start_states: each block's fast state at the current chunk's start (what its sleep starts from).
+        states: each block's streaming fast state, after the last token seen.
+        windows: each attention block's retained KV window (tokens before the current chunk), or None.
+        chunk_kv: each attention block's keys/values of the current chunk's tokens so far, or None.
+        chunk: the current chunk's token ids, positions and validity.
+        chunk_start: index of the current chunk's first token in the stream.
+        seen: tokens seen so far (padding included: it is the stream index of the next token).
+        num_valid: `[B]` real (non-padding) tokens seen so far per row; global RoPE positions count these.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(layers=[])
+        self.chunk_start_states: list[BlockState] = []
+        self.states: list[BlockState] = []
+        self.windows: list[KVWindow | None] = []
+        self.chunk_kv: list[KVWindow | None] = []
+        self.chunk: _ChunkTokens | None = None
+        self.chunk_start = 0
+        self.seen = 0
+        self.num_valid: Tensor | None = None
+
+    # ------------------------------------------------------------------ transformers' Cache interface
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens seen so far; `generate` slices the new tokens off `input_ids` with it."""
+        return self.seen
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_croppable(self) -> bool:
+        """A sleep cannot be undone, so the cache cannot be rolled back."""
+        return False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("beam search is not supported with sleep: use greedy decoding or sampling")
+
+    # ------------------------------------------------------------------ streaming
+
+    def kv_lengths(self) -> list[tuple[int, int]]:
+        """Per attention block: (retained window tokens, current chunk tokens) held in KV memory."""
+        return [
+            (w.length if w is not None else 0, kv.length)
+            for w, kv in zip(self.windows, self.chunk_kv, strict=True)
+            if kv is not None
+        ]
+
+    def step(self, engine: SleepEngine, input_ids: Tensor, valid: Tensor) -> Tensor:
+        """Wake logits `[B, T, V]` of the new tokens `input_ids` `[B, T]`, sleeping at every chunk boundary."""
+        if engine.config.wake_passes != 1:
+            raise ValueError("streaming inference needs sleep_config.wake_passes = 1 (a wake pass is one pass)")
+        if self.num_valid is None:  # first call: size the per-block lists to the model
+            num_blocks = len(engine.adapter.blocks)
+            self.chunk_start_states, self.states = [None] * num_blocks, [None] * num_blocks
+            self.windows, self.chunk_kv = [None] * num_blocks, [None] * num_blocks
+            self.num_valid = valid.new_zeros(valid.shape[0], dtype=torch.long)
+        window, logits, offset = engine.config.window, [], 0
+        while offset < input_ids.shape[1]:
+            if self.chunk is not None and self.chunk.length >= window:
+                self.consolidate(engine)
+            used = self.chunk.length if self.chunk is not None else 0
+            stop = min(offset + window - used, input_ids.shape[1])
+            logits.append(self._wake(engine, input_ids[:, offset:stop], valid[:, offset:stop]))
+            offset = stop
+        return torch.cat(logits, dim=1)
+
+    def consolidate(self, engine: SleepEngine) -> int:
+        """Sleep on the current chunk now (from its starting state), evict, and start a new chunk here.
+
+        Returns the number of tokens consolidated (0 when the current chunk is empty).
+        """
+        if self.chunk is None:
+            return 0
+        chunk = self.chunk
+        states, windows = engine.sleep(
+            chunk.ids, self.chunk_start, chunk.positions, self.chunk_start_states, self.windows, chunk.valid
+        )
+        self.chunk_start_states, self.states, self.windows = states, list(states), windows
+        self.chunk_kv = [None] * len(self.chunk_kv)
+        self.chunk, self.chunk_start = None, self.seen
+        return chunk.length
+
+    def _positions(self, engine: SleepEngine, valid: Tensor) -> Tensor:
+        """RoPE ids of new tokens, as `retrofit.engine.sequence_positions` gives them on the whole stream."""
+        if engine.config.positions == "global":
+            before = self.num_valid
+        else:
+            before = self.chunk.valid.long().sum(-1) if self.chunk is not None else torch.zeros_like(self.num_valid)
+        return (before[:, None] + valid.long().cumsum(-1) - 1).clamp(min=0)
+
+    def _wake(self, engine: SleepEngine, input_ids: Tensor, valid: Tensor) -> Tensor:
+        """One wake pass over tokens that all belong to the current chunk."""
+        positions = self._positions(engine, valid)
+        chunk = engine.chunk_for_tokens(self.seen, positions, valid)
+        adapter = engine.adapter
+        h = adapter.embed(input_ids)
+        for i, block in enumerate(adapter.blocks):
+            h, self.states[i], own = block(h, self.states[i], _join(self.windows[i], self.chunk_kv[i]), chunk)
+            if own is not None:
+                self.chunk_kv[i] = _join(self.chunk_kv[i], own)
+        if self.chunk is None:
+            self.chunk = _ChunkTokens(input_ids, positions, valid)
+        else:
+            self.chunk.append(input_ids, positions, valid)
+        self.seen += input_ids.shape[1]
+        self.num_valid = self.num_valid + valid.long().sum(-1)
+        return adapter.head(h)
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `retrofit generate MODEL_DIR --prompt ... [--max-new-tokens N] [--sleep-when-idle]`."""
+    parser = subparsers.add_parser("generate", help="generate text with a sleeping model (streaming, with sleep)")
+    parser.add_argument("model_dir", type=Path, help="a saved model folder (with its tokenizer) or a run directory")
+    parser.add_argument("--prompt", required=True, help="the prompt text")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    parser.add_argument(
+        "--sleep-when-idle",
+        action="store_true",
+        help="after generating, consolidate the partial window (model.sleep(cache)) as a server would when idle",
+    )
+    parser.set_defaults(run=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Greedy generation from `args.prompt`; prints the continuation. User errors exit 2 with one line."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = args.model_dir / "model" if (args.model_dir / "model" / "config.json").is_file() else args.model_dir
+    if not (model_dir / "config.json").is_file():
+        print(f"error: {args.model_dir} holds no saved model (no config.json, nor model/config.json)", file=sys.stderr)
+        return 2
+    if args.max_new_tokens < 1:
+        print("error: --max-new-tokens must be at least 1", file=sys.stderr)
+        return 2
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    if getattr(model, "sleep_config", None) is None:
+        print(f"error: {model_dir} is not a sleeping model (its config.json has no sleep_config)", file=sys.stderr)
+        return 2
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    inputs = tokenizer(args.prompt, return_tensors="pt", return_token_type_ids=False)
+    cache = SleepCache()
+    with torch.no_grad():
+        output = model.generate(**inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens, do_sample=False)
+        print(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+        if args.sleep_when_idle:
+            consolidated = model.sleep(cache)
+            print(f"idle: consolidated {consolidated} token(s) of the partial window into the fast state")
+    return 0

@@ -1,0 +1,203 @@
+"""Publishing a run to the Hugging Face Hub: `retrofit push RUN_DIR --repo-id user/name [--private] [--dry-run]`.
+
+The upload folder holds the model (config.json with `sleep_config`, safetensors only), its tokenizer, the run's
+`recipe.yaml` and evaluation results, and a model card (README.md) that embeds the recipe, names the base model and
+its revision, cites arXiv 2605.26099 and records the versions of this toolkit, torch, fla and transformers, so a
+reader can reproduce the run. `--dry-run` writes that exact folder locally instead of uploading it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import HfApi
+
+ARXIV_ID = "2605.26099"
+EVAL_FILES = ("results.md", "results.json", "results.png")
+VERSIONED_PACKAGES = (("torch", "torch"), ("transformers", "transformers"), ("fla", "flash-linear-attention"))
+
+
+class PushError(ValueError):
+    """The run directory cannot be published as it is; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """What a run directory contributes to the upload."""
+
+    model: Path
+    recipe: Path
+    eval_dir: Path
+
+
+def locate_run(run_dir: Path) -> RunFiles:
+    """The model folder, recipe and evaluation folder of a run directory, a checkpoint or a model folder."""
+    from retrofit.training.checkpoint import MODEL_DIR, is_checkpoint, locate_saved_model
+
+    try:
+        saved = locate_saved_model(run_dir)
+    except FileNotFoundError as exc:
+        raise PushError(str(exc)) from None
+    model = saved.model / MODEL_DIR if is_checkpoint(saved.model) else saved.model
+    return RunFiles(model=model, recipe=saved.recipe, eval_dir=saved.recipe.parent)
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of this toolkit and of the packages a retrofitted checkpoint depends on."""
+    import retrofit
+
+    versions = {"sleep-retrofit": retrofit.__version__}
+    for label, dist in VERSIONED_PACKAGES:
+        try:
+            versions[label] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[label] = "not installed"
+    return versions
+
+
+def model_card(run: RunFiles, repo_id: str) -> str:
+    """The README.md of the upload: metadata header, what the model is, how to load it, recipe, versions, eval."""
+    recipe_text = run.recipe.read_text()
+    recipe: dict[str, Any] = yaml.safe_load(recipe_text) or {}
+    model_section = recipe.get("model") or {}
+    base, revision = model_section.get("pretrained"), model_section.get("revision")
+    sleep = json.loads((run.model / "config.json").read_text()).get("sleep_config")
+    header: dict[str, Any] = {"library_name": "transformers", "tags": ["sleep-retrofit", "sleep", "linear-attention"]}
+    if base:
+        header["base_model"] = base
+    versions = package_versions()
+    eval_md = run.eval_dir / "results.md"
+    lines = [
+        "---",
+        yaml.safe_dump(header, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {repo_id.split('/')[-1]}",
+        "",
+        f"A language model retrofitted with **sleep** ([arXiv {ARXIV_ID}](https://arxiv.org/abs/{ARXIV_ID}): Lee, "
+        "McLeish, Goldstein, Fanti, *Language Models Need Sleep*) by "
+        f"sleep-retrofit {versions['sleep-retrofit']}. Before each "
+        "attention window is evicted, the model runs extra recurrent passes over it and consolidates it into the fast "
+        "weights of its linear-attention layers.",
+        "",
+        f"- Base model: {base or 'none (trained from scratch; see config.json)'}",
+        f"- Base model revision: {(revision or 'default branch') if base else 'n/a'}",
+        f"- Sleep config: `{json.dumps(sleep)}`",
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "import retrofit  # registers the model classes with transformers",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+        "```",
+        "",
+        "`model.generate(...)` streams with sleep every L tokens; `model.sleep(cache)` consolidates early when idle.",
+        "",
+        "## Evaluation",
+        "",
+        eval_md.read_text().strip() if eval_md.is_file() else "No evaluation results were found in the run directory.",
+        "",
+        "## Versions",
+        "",
+        *(f"- {name}: {version}" for name, version in versions.items()),
+        "",
+        "## Training recipe",
+        "",
+        "```yaml",
+        recipe_text.rstrip(),
+        "```",
+        "",
+        "## Citation",
+        "",
+        f"arXiv:{ARXIV_ID}, *Language Models Need Sleep* (Lee, McLeish, Goldstein, Fanti).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def build_upload_folder(run_dir: Path, folder: Path, repo_id: str) -> Path:
+    """Write everything that would be uploaded for `run_dir` into `folder` (created; must be empty)."""
+    run = locate_run(run_dir)
+    if list(run.model.glob("*.bin")):
+        raise PushError(f"{run.model} holds .bin weights; publish safetensors only (re-save with save_pretrained)")
+    if not list(run.model.glob("*.safetensors")):
+        raise PushError(f"{run.model} holds no .safetensors weights")
+    folder.mkdir(parents=True, exist_ok=True)
+    if any(folder.iterdir()):
+        raise PushError(f"{folder} is not empty; give an empty or new --output-dir")
+    for path in run.model.iterdir():
+        if path.is_file():
+            shutil.copy2(path, folder / path.name)
+    shutil.copy2(run.recipe, folder / "recipe.yaml")
+    for name in EVAL_FILES:
+        if (run.eval_dir / name).is_file():
+            shutil.copy2(run.eval_dir / name, folder / name)
+    (folder / "README.md").write_text(model_card(run, repo_id))
+    return folder
+
+
+def push(
+    run_dir: Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    dry_run: bool = False,
+    output_dir: Path | None = None,
+    api: Any = None,
+) -> str:
+    """Publish `run_dir` to `repo_id`; return the repo URL, or with `dry_run` the folder written instead.
+
+    `api` stands in for `huggingface_hub.HfApi()` (tests pass a fake); the upload is `create_repo` + `upload_folder`.
+    """
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise PushError(f"--repo-id {repo_id!r} must look like user/name")
+    if dry_run:
+        folder = output_dir or run_dir / "hub-upload"
+        return str(build_upload_folder(run_dir, folder, repo_id))
+    api = HfApi() if api is None else api
+    with tempfile.TemporaryDirectory(prefix="retrofit-push-") as tmp:
+        folder = build_upload_folder(run_dir, Path(tmp) / "upload", repo_id)
+        url = api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
+        api.upload_folder(
+            repo_id=repo_id, folder_path=folder, repo_type="model", commit_message="Upload sleep-retrofitted model"
+        )
+    return str(url)
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def add_push_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `retrofit push RUN_DIR --repo-id user/name [--private] [--dry-run] [--output-dir DIR]`."""
+    parser = subparsers.add_parser("push", help="upload a run's model, tokenizer and model card to the Hub")
+    parser.add_argument("run_dir", type=Path, help="run directory (or a checkpoint or model folder inside one)")
+    parser.add_argument("--repo-id", required=True, help="Hub repository, user/name")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--dry-run", action="store_true", help="write the folder that would be uploaded, and stop")
+    parser.add_argument("--output-dir", type=Path, help="where --dry-run writes it (default: RUN_DIR/hub-upload)")
+    parser.set_defaults(run=run_push)
+
+
+def run_push(args: argparse.Namespace) -> int:
+    """Handler of `retrofit push`; a run that cannot be published exits 2 with one line."""
+    try:
+        result = push(
+            args.run_dir, args.repo_id, private=args.private, dry_run=args.dry_run, output_dir=args.output_dir
+        )
+    except PushError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {result}" if args.dry_run else f"pushed {args.run_dir} to {result}")
+    return 0

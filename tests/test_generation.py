@@ -1,0 +1,192 @@
+"""Streaming inference with sleep: `generate` equals the engine's wake pass, KV stays bounded, idle-time sleep."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import retrofit
+from retrofit import SleepConfig, apply_sleep
+from retrofit.engine import SleepEngine
+from retrofit.generation import SleepCache
+from tests.helpers import _join, random_batch, stream_wake_logits, tiny_hybrid
+from tests.jet_checkpoint import write_official_checkpoint as write_jet
+from tests.ouro_checkpoint import write_official_checkpoint as write_ouro
+
+TOL = 1e-9
+OURO_MIXERS = {"num_heads": 2, "head_dim": 8, "expand_v": 2, "conv_size": 4, "dconv_generator_reduction": 4}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models spend their time in thread synchronisation on a busy shared CPU: use one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _load(directory: Path) -> torch.nn.Module:
+    assert retrofit.__version__  # registers the families
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float64).eval()
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Callable[[SleepConfig], torch.nn.Module]]:
+    """Builders of a tiny float64 sleeping model per family; Ouro's mixers get random output projections."""
+    jet_dir, ouro_dir = tmp_path_factory.mktemp("jet"), tmp_path_factory.mktemp("ouro")
+    write_jet(jet_dir)
+    write_ouro(ouro_dir)
+    jet, ouro = _load(jet_dir), _load(ouro_dir)
+
+    def hybrid(sleep: SleepConfig) -> torch.nn.Module:
+        return apply_sleep(tiny_hybrid(vocab_size=37), sleep)
+
+    def jet_nemotron(sleep: SleepConfig) -> torch.nn.Module:
+        return apply_sleep(copy.deepcopy(jet), sleep)
+
+    def ouro_model(sleep: SleepConfig) -> torch.nn.Module:
+        model = copy.deepcopy(ouro)
+        model.config.jet_mixer_layers, model.config.jet_mixer_config = [1, 3], OURO_MIXERS
+        apply_sleep(model, sleep)
+        generator = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for mixer in model.model.jet_mixers.values():
+                weight = mixer.self_attn.o_proj.weight
+                weight.copy_(
+                    torch.randn(weight.shape, generator=generator, dtype=weight.dtype) / weight.shape[1] ** 0.5
+                )
+        return model
+
+    return {"hybrid": hybrid, "jet_nemotron": jet_nemotron, "ouro": ouro_model}
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+@pytest.mark.parametrize("family", ["hybrid", "jet_nemotron", "ouro"])
+def test_greedy_generate_equals_the_engine_wake_argmax(families, family, eviction):
+    """Over 4 windows (prompt 6 + 10 generated, L=4, N=3): every generated token is the argmax of
+    `engine.forward(full_sequence)` at its predecessor, and the scores `generate` saw are those wake logits."""
+    model = families[family](SleepConfig(window=4, passes=3, eviction=eviction))
+    model.generation_config.eos_token_id = None  # generate all 10 tokens
+    prompt, _ = random_batch(1, 6, 37, seed=3)
+    with torch.no_grad():
+        out = model.generate(
+            prompt, max_new_tokens=10, do_sample=False, return_dict_in_generate=True, output_logits=True
+        )
+        reference = model.sleep_engine().forward(out.sequences, return_logits=True).logits
+    sequence = out.sequences
+    assert sequence.shape[1] == 16
+    assert torch.equal(reference[:, 5:-1].argmax(-1), sequence[:, 6:])
+    assert torch.allclose(torch.stack(out.logits, dim=1), reference[:, 5:-1].float(), atol=1e-5)
+
+
+def test_batched_generate_with_left_padding_matches_each_row():
+    """Two prompts of different lengths, left-padded: each row follows the engine on the padded batch."""
+    model = apply_sleep(tiny_hybrid(), SleepConfig(window=3, passes=2, eviction="sliding"))
+    ids, _ = random_batch(2, 7, 19, seed=4)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        full_mask = torch.cat([mask, torch.ones(2, 8, dtype=mask.dtype)], dim=1)
+        reference = model.sleep_engine().forward(out, full_mask, return_logits=True).logits
+    assert torch.equal(reference[:, 6:-1].argmax(-1), out[:, 7:])
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+def test_segments_of_any_size_equal_token_by_token_streaming(eviction):
+    """Feeding the stream in uneven segments (a prompt, then single tokens, then a long segment) gives the logits of
+    the independent token-by-token reference `tests.helpers.stream_wake_logits`."""
+    model = apply_sleep(tiny_hybrid(), SleepConfig(window=4, passes=3, eviction=eviction))
+    ids, _ = random_batch(1, 17, 19, seed=5)
+    cache = SleepCache()
+    with torch.no_grad():
+        parts = [model(ids[:, s:e], past_key_values=cache).logits for s, e in ((0, 6), (6, 7), (7, 8), (8, 17))]
+        reference, _ = stream_wake_logits(model.sleep_engine(), ids)
+    assert (torch.cat(parts, dim=1) - reference).abs().max() < TOL
+    assert cache.get_seq_length() == 17
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+def test_kv_memory_stays_bounded_by_the_window(eviction):
+    """Generating 10·L tokens, each attention block holds at most L-1 retained + L chunk tokens, at every step."""
+    window = 3
+    model = apply_sleep(tiny_hybrid(), SleepConfig(window=window, passes=2, eviction=eviction))
+    cache = SleepCache()
+    token = torch.tensor([[1]])
+    with torch.no_grad():
+        for _ in range(10 * window):
+            token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+            lengths = cache.kv_lengths()
+            assert len(lengths) == 2  # the two attention blocks
+            for retained, chunk in lengths:
+                assert chunk <= window
+                assert retained <= (window - 1 if eviction == "sliding" else 0)
+    assert cache.get_seq_length() == 10 * window
+
+
+def stream_with_boundaries(engine: SleepEngine, ids: torch.Tensor, boundaries: list[int]) -> torch.Tensor:
+    """Token-by-token wake logits that sleep (`engine.sleep`, from each chunk's starting state) at the given stream
+    positions instead of every L tokens: the reference for idle-time sleep, written like
+    `tests.helpers.stream_wake_logits` and independently of `SleepCache`."""
+    adapter, num_blocks, length = engine.adapter, len(engine.adapter.blocks), ids.shape[1]
+    positions = torch.arange(length)[None]
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    states, windows, logits = [None] * num_blocks, [None] * num_blocks, []
+    for s, e in zip([0, *boundaries], [*boundaries, length], strict=True):
+        token_states, chunk_kv = list(states), [None] * num_blocks
+        for t in range(s, e):
+            chunk = engine.chunk_for_tokens(t, positions[:, t : t + 1], valid[:, t : t + 1])
+            h = adapter.embed(ids[:, t : t + 1])
+            for i, block in enumerate(adapter.blocks):
+                h, token_states[i], own = block(h, token_states[i], _join(windows[i], chunk_kv[i]), chunk)
+                if own is not None:
+                    chunk_kv[i] = _join(chunk_kv[i], own)
+            logits.append(adapter.head(h))
+        if e < length:
+            states, windows = engine.sleep(ids[:, s:e], s, positions[:, s:e], states, windows)
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+def test_idle_sleep_equals_a_chunk_boundary_at_that_position(eviction):
+    """`model.sleep(cache)` after P < L tokens changes the state and the next logits; the logits that follow equal
+    those of token-by-token streaming that sleeps at P and then every L tokens (`stream_with_boundaries`)."""
+    window, prefix = 5, 3
+    model = apply_sleep(tiny_hybrid(), SleepConfig(window=window, passes=3, eviction=eviction))
+    ids, _ = random_batch(1, 14, 19, seed=6)
+    with torch.no_grad():
+        awake, slept = SleepCache(), SleepCache()
+        model(ids[:, :prefix], past_key_values=awake)
+        model(ids[:, :prefix], past_key_values=slept)
+        before = [s.recurrent.clone() for s in slept.states if s is not None]
+        assert model.sleep(slept) == prefix
+        after = [s.recurrent for s in slept.states if s is not None]
+        assert any((a - b).abs().max() > 1e-6 for a, b in zip(before, after, strict=True))
+        logits_awake = model(ids[:, prefix:], past_key_values=awake).logits
+        logits_slept = model(ids[:, prefix:], past_key_values=slept).logits
+        assert (logits_awake - logits_slept).abs().max() > 1e-6
+        reference = stream_with_boundaries(model.sleep_engine(), ids, list(range(prefix, ids.shape[1], window)))
+    assert (logits_slept - reference[:, prefix:]).abs().max() < TOL
+    assert model.sleep(SleepCache()) == 0  # nothing to consolidate
+
+
+def test_generate_on_a_model_without_sleep_recomputes_the_plain_forward():
+    """Without a sleep config there is no streaming cache: `generate` reruns the plain forward on the sequence."""
+    model = tiny_hybrid()
+    prompt, _ = random_batch(1, 4, 19, seed=7)
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=5, do_sample=False)
+        reference = model(out).logits
+    assert torch.equal(reference[:, 3:-1].argmax(-1), out[:, 4:])
+
+
+def test_streaming_refuses_multi_pass_wake():
+    model = apply_sleep(tiny_hybrid(), SleepConfig(window=4, passes=3, wake_passes=2))
+    with pytest.raises(ValueError, match="wake_passes"):
+        model(torch.tensor([[1, 2]]), use_cache=True)
