@@ -317,8 +317,6 @@ def stand_in(recipe: Path, tmp_path: Path, *, build: bool) -> list[str]:
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_shipped_recipe_dry_runs(recipe, tmp_path, capsys):
     """Every recipe builds and takes one step; paper-size models are replaced by a small stand-in first."""
-    if load_recipe(recipe).recipe.stages is not None:
-        pytest.xfail("stages: are reserved in this version's schema; the trainer runs them from issue 5 on")
     overrides = stand_in(recipe, tmp_path, build=True)
     argv = ["validate", str(recipe), "--dry-run", *(a for s in overrides for a in ("--set", s))]
     assert main(argv) == 0, capsys.readouterr().err
@@ -330,8 +328,6 @@ def test_shipped_recipe_dry_runs(recipe, tmp_path, capsys):
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_shipped_recipe_validates_at_full_size(recipe, tmp_path):
     """Task, sleep and model config of every recipe check out (a Hub checkpoint: its published config if local)."""
-    if load_recipe(recipe).recipe.stages is not None:
-        pytest.xfail("stages: are reserved in this version's schema; the trainer runs them from issue 5 on")
     overrides = stand_in(recipe, tmp_path, build=False)
     resolved = resolve(load_recipe(recipe, overrides).recipe)
     assert resolved.sleep.window == resolved.task.window
