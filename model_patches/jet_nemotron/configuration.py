@@ -30,6 +30,8 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
+from retrofit.configuration import PublishedDecoderConfig
+
 LAYER_TYPES = ("jet", "attn", "swa")  # JetBlock, full attention, sliding-window attention
 
 
@@ -82,7 +84,7 @@ class JetBlockSettings:
 
 
 @strict
-class JetNemotronConfig(PreTrainedConfig):
+class JetNemotronConfig(PublishedDecoderConfig, PreTrainedConfig):
     """Jet-Nemotron: a Qwen2 decoder whose layers are JetBlocks (`jet`), full attention (`attn`) or sliding-window
     attention (`swa`), each followed by the SwiGLU MLP. The defaults are those of Jet-Nemotron-2B.
     """
@@ -114,13 +116,9 @@ class JetNemotronConfig(PreTrainedConfig):
     sleep_config: dict | None = None
 
     def __post_init__(self, **kwargs) -> None:
-        kwargs.pop("auto_map", None)
+        self.fill_decoder_defaults(kwargs)
         if self.layer_types is None:
             self.layer_types = ["attn"] * self.num_hidden_layers
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
         super().__post_init__(**kwargs)
 
     def validate_layer_type(self) -> None:
@@ -128,21 +126,13 @@ class JetNemotronConfig(PreTrainedConfig):
 
         Replaces transformers' check, which rejects these names (see the module docstring).
         """
-        if len(self.layer_types) != self.num_hidden_layers:
-            raise ValueError(
-                f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}"
-            )
+        self.check_decoder_fields("Jet-Nemotron")
         unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
         if unknown:
             raise ValueError(f"layer_types has unknown entries {unknown}; use {list(LAYER_TYPES)}")
         for layer_type in sorted({"jet", "swa"} & set(self.layer_types)):
             if layer_type not in (self.efficient_attention_config or {}):
                 raise ValueError(f"layer_types has {layer_type!r} layers but efficient_attention_config has no entry")
-        if self.hidden_act != "silu":
-            raise ValueError(f"hidden_act = {self.hidden_act!r} is not supported; Jet-Nemotron's MLP uses 'silu'")
-        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
-        if rope_type != "default":
-            raise ValueError(f"rope_parameters.rope_type = {rope_type!r} is not supported; only 'default' RoPE")
 
     def jet_block_settings(self) -> JetBlockSettings:
         """The parsed settings of the JetBlocks."""

@@ -30,6 +30,7 @@ from transformers import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
 from model_patches.jet_nemotron import JetBlockSettings
+from retrofit.configuration import PublishedDecoderConfig
 
 NUM_JET_MIXERS = 6  # the paper's count for Ouro-1.4B (§6.3)
 
@@ -55,7 +56,7 @@ def evenly_spaced_layers(num_layers: int, count: int = NUM_JET_MIXERS) -> list[i
 
 
 @strict
-class OuroConfig(PreTrainedConfig):
+class OuroConfig(PublishedDecoderConfig, PreTrainedConfig):
     """Ouro: a Qwen2-shaped decoder (sandwich-norm layers, untied head) whose whole layer stack runs
     `total_ut_steps` times, with an early-exit gate. The defaults are those of Ouro-1.4B.
     """
@@ -93,30 +94,18 @@ class OuroConfig(PreTrainedConfig):
     sleep_config: dict | None = None
 
     def __post_init__(self, **kwargs) -> None:
-        kwargs.pop("auto_map", None)
+        self.fill_decoder_defaults(kwargs)
         if self.layer_types is None:
             self.layer_types = ["full_attention"] * self.num_hidden_layers
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
         super().__post_init__(**kwargs)
 
     def validate_layer_type(self) -> None:
         """Full attention only (the released models), a loop count >= 1, and mixers at existing layers."""
-        if len(self.layer_types) != self.num_hidden_layers:
-            raise ValueError(
-                f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}"
-            )
+        self.check_decoder_fields("Ouro")
         if set(self.layer_types) != {"full_attention"} or self.use_sliding_window:
             raise ValueError("only full_attention layers are supported (the released Ouro models use no other type)")
         if self.total_ut_steps < 1:
             raise ValueError(f"total_ut_steps = {self.total_ut_steps} must be >= 1")
-        if self.hidden_act != "silu":
-            raise ValueError(f"hidden_act = {self.hidden_act!r} is not supported; Ouro's MLP uses 'silu'")
-        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
-        if rope_type != "default":
-            raise ValueError(f"rope_parameters.rope_type = {rope_type!r} is not supported; only 'default' RoPE")
         layers = self.jet_mixer_layers
         if layers is not None and (
             sorted(set(layers)) != list(layers) or not all(0 <= i < self.num_hidden_layers for i in layers)
