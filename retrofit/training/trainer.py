@@ -138,6 +138,16 @@ def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = 
     rank, world = accelerator.process_index, accelerator.num_processes
     checkpoints = list_checkpoints(output_dir)
     last_checkpoint = checkpoints[-1] if checkpoints else None
+
+    def evaluate_and_log() -> EvalResult:
+        """Evaluate the model now; log the scalars and write this step's eval JSON."""
+        result = evaluate(
+            model, eval_set, task=resolved.eval_task, step=state.step, batch_size=recipe.eval.batch_size,
+            accelerator=accelerator,
+        )  # fmt: skip
+        _log_eval(accelerator, result, output_dir)
+        return result
+
     progress = tqdm(
         total=train_cfg.max_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process
     )
@@ -199,30 +209,13 @@ def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = 
             last_checkpoint = save_checkpoint(accelerator, output_dir, state, recipe_yaml, train_cfg.keep_checkpoints)
         every = recipe.eval.every_steps
         if every and state.step % every == 0 and state.step < train_cfg.max_steps:
-            result = evaluate(
-                model,
-                eval_set,
-                task=resolved.eval_task,
-                step=state.step,
-                batch_size=recipe.eval.batch_size,
-                accelerator=accelerator,
-            )
-            _log_eval(accelerator, result, output_dir)
-            history.append(result)
+            history.append(evaluate_and_log())
     progress.close()
 
     # ---- finish: final checkpoint and model, evaluation, report
     if last_checkpoint != checkpoint_dir(output_dir, state.step):
         save_checkpoint(accelerator, output_dir, state, recipe_yaml, train_cfg.keep_checkpoints)
-    result = evaluate(
-        model,
-        eval_set,
-        task=resolved.eval_task,
-        step=state.step,
-        batch_size=recipe.eval.batch_size,
-        accelerator=accelerator,
-    )
-    _log_eval(accelerator, result, output_dir)
+    result = evaluate_and_log()
     if accelerator.is_main_process:
         save_pretrained_quietly(accelerator.unwrap_model(model), output_dir / MODEL_DIR)
         task.tokenizer.save_pretrained(output_dir / MODEL_DIR)
