@@ -78,6 +78,15 @@ class KVWindow(NamedTuple):
         return KVWindow(self.keys.detach(), self.values.detach(), self.valid, self.start)
 
 
+def join_windows(first: KVWindow | None, second: KVWindow | None) -> KVWindow | None:
+    """`first` followed by `second`, where either may be absent."""
+    if first is None:
+        return second
+    if second is None:
+        return first
+    return first.extend(second)
+
+
 class LinearState(NamedTuple):
     """Fast state of a linear-attention block: the recurrent matrix and its short-conv windows."""
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from retrofit.blocks import BlockState, Chunk, KVWindow, SleepAdapter
+from retrofit.blocks import BlockState, Chunk, KVWindow, SleepAdapter, join_windows
 from retrofit.checkpoint import checkpoint_offloaded
 from retrofit.config import SleepConfig
 
@@ -313,8 +313,7 @@ class SleepEngine:
         keep = self.config.window - 1
         out: Windows = [None] * len(windows)
         for i in self.attention_blocks:
-            kv = chunk_kv[i] if windows[i] is None else windows[i].extend(chunk_kv[i])
-            out[i] = kv.last(keep)
+            out[i] = join_windows(windows[i], chunk_kv[i]).last(keep)
         return out
 
     def _take(self, indices: range, states: States, source: States) -> None:

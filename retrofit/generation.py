@@ -27,16 +27,8 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache
 
-from retrofit.blocks import BlockState, KVWindow
+from retrofit.blocks import BlockState, KVWindow, join_windows
 from retrofit.engine import SleepEngine
-
-
-def _join(first: KVWindow | None, second: KVWindow | None) -> KVWindow | None:
-    if first is None:
-        return second
-    if second is None:
-        return first
-    return first.extend(second)
 
 
 @dataclass
@@ -163,9 +155,9 @@ class SleepCache(Cache):
         adapter = engine.adapter
         h = adapter.embed(input_ids)
         for i, block in enumerate(adapter.blocks):
-            h, self.states[i], own = block(h, self.states[i], _join(self.windows[i], self.chunk_kv[i]), chunk)
+            h, self.states[i], own = block(h, self.states[i], join_windows(self.windows[i], self.chunk_kv[i]), chunk)
             if own is not None:
-                self.chunk_kv[i] = _join(self.chunk_kv[i], own)
+                self.chunk_kv[i] = join_windows(self.chunk_kv[i], own)
         if self.chunk is None:
             self.chunk = _ChunkTokens(input_ids, positions, valid)
         else:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
 from transformers import AutoModelForCausalLM
 
 import retrofit
 from model_patches.hybrid import SleepHybridConfig
-from retrofit.blocks import KVWindow
+from retrofit.blocks import KVWindow, join_windows
 from retrofit.engine import SleepEngine, sequence_positions
 
 RULE110_PATTERN = ("full_attention", "linear_attention", "full_attention", "linear_attention")
@@ -84,10 +90,10 @@ def stream_wake_logits(engine: SleepEngine, input_ids: Tensor, valid: Tensor | N
             chunk = engine.chunk_for_tokens(t, positions[:, t : t + 1], valid[:, t : t + 1])
             h = adapter.embed(input_ids[:, t : t + 1])
             for i, block in enumerate(adapter.blocks):
-                kv = _join(windows[i], chunk_kv[i])
+                kv = join_windows(windows[i], chunk_kv[i])
                 h, token_states[i], own = block(h, token_states[i], kv, chunk)
                 if own is not None:
-                    chunk_kv[i] = _join(chunk_kv[i], own)
+                    chunk_kv[i] = join_windows(chunk_kv[i], own)
             logits.append(adapter.head(h))
         chunk_ends.append((token_states, chunk_kv))
         if e < length:
@@ -95,9 +101,21 @@ def stream_wake_logits(engine: SleepEngine, input_ids: Tensor, valid: Tensor | N
     return torch.cat(logits, dim=1), chunk_ends
 
 
-def _join(first: KVWindow | None, second: KVWindow | None) -> KVWindow | None:
-    if first is None:
-        return second
-    if second is None:
-        return first
-    return first.extend(second)
+def write_published_layout(
+    directory: Path,
+    config: dict[str, Any],
+    shapes: dict[str, tuple[int, ...]],
+    random_tensor: Callable[[str, tuple[int, ...], torch.Generator], Tensor],
+    remote_code_files: tuple[str, ...],
+    seed: int = 0,
+) -> dict[str, Tensor]:
+    """Write a checkpoint as a family publishes it, independently of our classes: config.json, model.safetensors
+    (bf16) with the given names and shapes, and remote-code stand-ins that fail if imported. Returns the tensors."""
+    directory.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {name: random_tensor(name, shape, generator).to(torch.bfloat16) for name, shape in shapes.items()}
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    for filename in remote_code_files:
+        (directory / filename).write_text('raise RuntimeError("the Hub remote code must not run")\n')
+    return tensors

@@ -10,12 +10,12 @@ imported, so a test can prove they never run.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+
+from tests.helpers import write_published_layout
 
 # Layer i's type; with 8 layers the default loop range is [2, 6), so the prelude (jet, attn), the loop
 # (jet, swa, jet, jet) and the coda (attn, jet) are all non-empty and every layer type appears.
@@ -143,14 +143,4 @@ def write_official_checkpoint(
     Returns the tensors written, by name.
     """
     config = tiny_config() if config is None else config
-    directory.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {
-        name: random_tensor(name, shape, generator).to(torch.bfloat16)
-        for name, shape in official_shapes(config).items()
-    }
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
-    for filename in REMOTE_CODE_FILES:
-        (directory / filename).write_text('raise RuntimeError("the Hub remote code must not run")\n')
-    return tensors
+    return write_published_layout(directory, config, official_shapes(config), random_tensor, REMOTE_CODE_FILES, seed)

@@ -9,12 +9,12 @@ mistake in `model_patches.ouro` shows up as a missing or unexpected key. The con
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+
+from tests.helpers import write_published_layout
 
 REMOTE_CODE_FILES = ("configuration_ouro.py", "modeling_ouro.py")
 LAYER_NORMS = ("input_layernorm", "input_layernorm_2", "post_attention_layernorm", "post_attention_layernorm_2")
@@ -102,14 +102,4 @@ def write_official_checkpoint(
     Returns the tensors written, by name.
     """
     config = tiny_config() if config is None else config
-    directory.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {
-        name: random_tensor(name, shape, generator).to(torch.bfloat16)
-        for name, shape in official_shapes(config).items()
-    }
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
-    for filename in REMOTE_CODE_FILES:
-        (directory / filename).write_text('raise RuntimeError("the Hub remote code must not run")\n')
-    return tensors
+    return write_published_layout(directory, config, official_shapes(config), random_tensor, REMOTE_CODE_FILES, seed)

@@ -12,9 +12,10 @@ from transformers import AutoModelForCausalLM
 
 import retrofit
 from retrofit import SleepConfig, apply_sleep
+from retrofit.blocks import join_windows
 from retrofit.engine import SleepEngine
 from retrofit.generation import SleepCache
-from tests.helpers import _join, random_batch, stream_wake_logits, tiny_hybrid
+from tests.helpers import random_batch, stream_wake_logits, tiny_hybrid
 from tests.jet_checkpoint import write_official_checkpoint as write_jet
 from tests.ouro_checkpoint import write_official_checkpoint as write_ouro
 
@@ -144,9 +145,9 @@ def stream_with_boundaries(engine: SleepEngine, ids: torch.Tensor, boundaries: l
             chunk = engine.chunk_for_tokens(t, positions[:, t : t + 1], valid[:, t : t + 1])
             h = adapter.embed(ids[:, t : t + 1])
             for i, block in enumerate(adapter.blocks):
-                h, token_states[i], own = block(h, token_states[i], _join(windows[i], chunk_kv[i]), chunk)
+                h, token_states[i], own = block(h, token_states[i], join_windows(windows[i], chunk_kv[i]), chunk)
                 if own is not None:
-                    chunk_kv[i] = _join(chunk_kv[i], own)
+                    chunk_kv[i] = join_windows(chunk_kv[i], own)
             logits.append(adapter.head(h))
         if e < length:
             states, windows = engine.sleep(ids[:, s:e], s, positions[:, s:e], states, windows)
