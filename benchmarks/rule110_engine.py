@@ -43,8 +43,8 @@ def rule110_model(device: torch.device) -> SleepHybridForCausalLM:
     return SleepHybridForCausalLM(config).to(device)
 
 
-def batch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.randint(0, 2, (BATCH, LENGTH), device=device)
+def batch(device: torch.device, size: int = BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, 2, (size, LENGTH), device=device)
     labels = torch.full_like(ids, -100)
     labels[:, -4:] = ids[:, -4:]
     return ids, labels

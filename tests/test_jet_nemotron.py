@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -283,21 +284,19 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.xfail(
     strict=True,
-    reason="open (issue 4): on an H100 the loss agrees (<5e-3) but A_log/dt_bias gradients differ between fla and "
-    "the torch path (relative error 1.0-1.8), although the same op matches a float64 recurrence on its own "
-    "(benchmarks/probes/strong_decay.py) and the hybrid's fla test passes; not yet explained",
+    reason="open (issue 4): the loss agrees but layer 0's gate gradients (A_log, dt_bias, a_proj, b_proj) differ "
+    "(relative error 0.2-1.9). They are ill-conditioned here: the torch path with TF32 matmuls is as far from "
+    "float64 (A_log 2.7, a_proj 0.67) while the torch path in fp32 is within 5e-4 (benchmarks/probes/"
+    "jet_gate_grads.py); fla with TRITON_F32_DEFAULT=ieee still gives 0.95, so fla keeps ~1e-4 noise elsewhere",
 )
 def test_sleeping_jet_on_fla_matches_the_torch_path(monkeypatch, tmp_path):
     """fla's kernels against the torch path on CUDA (float32, same model): loss and every gradient."""
     config = tiny_config()
     config["efficient_attention_config"]["jet"] |= {"head_dim": 8, "expand_v": 2}  # the hybrid GPU tests' sizes
     write_official_checkpoint(tmp_path, config)
-    gpu_model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).cuda()
-    # fla's gate gradient loses precision as decays strengthen (benchmarks/probes/strong_decay.py measured a
-    # relative dg error of 2e-3, 6e-3 and 3e-2 for g ~ -U(0.01, 0.1), -U(0.5, 3) and -U(2, 6)), and A_log's
-    # gradient sums dg·g over tokens with cancellation: compare in fla's documented regime of mild decays.
-    with torch.no_grad():
-        for name, param in gpu_model.named_parameters():
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).cuda()
+    with torch.no_grad():  # mild decays, so that gradients reach back over several windows
+        for name, param in model.named_parameters():
             if name.endswith("A_log"):
                 param.fill_(-4.0)
     ids, labels = (t.cuda() for t in random_batch(2, 150, config["vocab_size"]))
@@ -305,13 +304,49 @@ def test_sleeping_jet_on_fla_matches_the_torch_path(monkeypatch, tmp_path):
     results = {}
     for backend in ("fla", "torch"):
         monkeypatch.setenv("RETROFIT_OPS", backend)
-        gpu_model.zero_grad()
-        loss = SleepEngine(gpu_model.get_sleep_adapter(), sleep).forward(ids, labels=labels).loss
+        model.zero_grad()
+        loss = SleepEngine(model.get_sleep_adapter(), sleep).forward(ids, labels=labels).loss
         loss.backward()
-        grads = {n: p.grad.detach().clone() for n, p in gpu_model.named_parameters() if p.grad is not None}
-        results[backend] = loss.detach(), grads
+        results[backend] = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     (fla_loss, fla_grads), (torch_loss, torch_grads) = results["fla"], results["torch"]
     assert rel(fla_loss, torch_loss) < 5e-3
     assert fla_grads.keys() == torch_grads.keys()
-    errors = sorted(((rel(fla_grads[n], torch_grads[n]), n) for n in torch_grads), reverse=True)
-    assert errors[0][0] < 2e-2, errors[:5]
+    worst = sorted(((rel(fla_grads[n], torch_grads[n]), n) for n in torch_grads), reverse=True)
+    assert worst[0][0] < 2e-2, worst[:5]
+
+
+# The published 2B config.json, shipped with the benchmarks so that the GPU machine has it without ../shared.
+PUBLISHED_2B_CONFIG = Path(__file__).resolve().parents[1] / "benchmarks" / "configs" / "jet-nemotron-2b.json"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("checkpointing", ["none", "pass"])
+def test_jet_nemotron_2b_shape_sleep_trains_on_gpu(checkpointing, tmp_path):
+    """Jet-Nemotron-2B's published shape (random init, bf16): forward+backward of T = 4000 with sleep N = 2 over
+    L = 2000 windows and the default middle-14 loop. Prints the step time and the peak memory."""
+    shutil.copy(PUBLISHED_2B_CONFIG, tmp_path / "config.json")
+    config = AutoConfig.from_pretrained(tmp_path)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    apply_sleep(model, SleepConfig(window=2000, passes=2, eviction="hard", checkpointing=checkpointing))
+    assert model.default_loop_range() == (7, 21)
+    model.train()
+    ids = torch.randint(0, config.vocab_size, (1, 4000), device="cuda")
+    for _ in range(2):  # the first step warms up kernels and the allocator
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    print(
+        f"\nJet-Nemotron-2B shape, N=2, L=2000, T=4000, checkpointing={checkpointing}: "
+        f"step {elapsed:.2f} s, peak {peak:.1f} GiB"
+    )

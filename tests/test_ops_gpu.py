@@ -8,6 +8,8 @@ four minutes per case on a fresh machine): `pytest tests/test_ops_gpu.py -n 8` t
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -105,6 +107,38 @@ def test_gated_delta_rule_fla_matches_torch(monkeypatch, B, T, H, HV, K, V, qk_l
     for name, a, b in zip(inputs, got, ref, strict=True):
         assert a.dtype == inputs[name].dtype, name
         assert rel_err(a, b) <= GRAD_TOL, f"d{name}"
+
+
+@pytest.mark.parametrize("T", [1, 20, 64])
+def test_gated_delta_rule_inference_uses_fla_fused_recurrent(monkeypatch, T):
+    """Short calls without gradients (decoding) take fla's fused recurrent kernel; it equals the float64 torch
+    path, chained token by token through the state as a decoder does."""
+    inputs = gdr_inputs(2, T, 2, 4, 64, 64, dtype=torch.bfloat16, qk_l2norm=True, g_zero=False)
+    inputs = {name: t.detach() for name, t in inputs.items()}
+    ref = {name: t.double() for name, t in inputs.items()}
+    calls = []
+    fla_module = importlib.import_module("fla.ops.gated_delta_rule")
+    original = fla_module.fused_recurrent_gated_delta_rule
+    monkeypatch.setattr(fla_module, "fused_recurrent_gated_delta_rule", lambda **kw: calls.append(1) or original(**kw))
+    monkeypatch.setenv("RETROFIT_OPS", "fla")
+    with torch.no_grad():
+        state, pieces = inputs["initial_state"], []
+        for t in range(T):
+            step = {n: inputs[n][:, t : t + 1] for n in ("q", "k", "v", "g", "beta")}
+            o, state = gated_delta_rule(**step, initial_state=state, output_final_state=True, use_qk_l2norm=True)
+            pieces.append(o)
+        whole, whole_state = gated_delta_rule(
+            **{n: inputs[n] for n in ("q", "k", "v", "g", "beta")},
+            initial_state=inputs["initial_state"],
+            output_final_state=True,
+            use_qk_l2norm=True,
+        )
+    assert len(calls) == T + 1
+    monkeypatch.setenv("RETROFIT_OPS", "torch")
+    o_ref, state_ref = gated_delta_rule(**ref, output_final_state=True, use_qk_l2norm=True)
+    assert rel_err(torch.cat(pieces, dim=1), o_ref) <= 2 * OUT_TOL  # bf16 inputs
+    assert rel_err(whole, o_ref) <= 2 * OUT_TOL
+    assert rel_err(state, state_ref) <= OUT_TOL and rel_err(whole_state, state_ref) <= OUT_TOL
 
 
 def test_gated_delta_rule_fla_chained_calls(monkeypatch: pytest.MonkeyPatch):

@@ -68,13 +68,19 @@ class Attention(nn.Module):
         keys = own if kv is None else kv.extend(own)
         window = _min_window(self.window, chunk.window)
         plain_causal = kv is None and not chunk.padded and (window is None or window >= length)
-        mask = None if plain_causal else attention_mask(keys, chunk, window)
+        keys_, values = keys.keys, keys.values
+        grouped = self.num_heads != self.num_kv_heads
+        mask = None
+        if not plain_causal:
+            mask = attention_mask(keys, chunk, window)
+            if grouped:
+                # SDPA's memory-efficient kernel takes a mask but not `enable_gqa`; with both, torch falls back
+                # to the math kernel, which materialises [B, H, C, R] scores (slow, and 24 GiB at C = R = 32K).
+                # Repeating the KV heads keeps masked attention (sliding windows, retained KV) on a fused kernel.
+                repeats = self.num_heads // self.num_kv_heads
+                keys_, values = keys_.repeat_interleave(repeats, 1), values.repeat_interleave(repeats, 1)
+                grouped = False
         out = F.scaled_dot_product_attention(
-            q,
-            keys.keys,
-            keys.values,
-            attn_mask=mask,
-            is_causal=plain_causal,
-            enable_gqa=self.num_heads != self.num_kv_heads,
+            q, keys_, values, attn_mask=mask, is_causal=plain_causal, enable_gqa=grouped
         )
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1)), None, own

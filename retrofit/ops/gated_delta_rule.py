@@ -29,6 +29,8 @@ _FLA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FLA_GDR_MODULE = "fla.ops.gated_delta_rule"
 # fla's chunk GDN accepts only these chunk sizes (64 is its default); the chunk size does not change the result.
 _FLA_CHUNK_SIZES = (16, 32, 64)
+# Inference calls up to this many tokens use fla's fused recurrent kernel instead of the chunk kernel.
+_FLA_RECURRENT_MAX_T = 64
 _INSTALL_HINT = (
     "fla's kernels need a CUDA GPU with triton>=3.7.1 next to flash-linear-attention==0.6.0 and fla-core==0.6.0 "
     "(`pip install 'sleep-retrofit[cuda]'`, or `source .gpu/setup.sh` on the project's GPU machine). "
@@ -100,6 +102,10 @@ def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
     return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + eps)
 
 
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial_state: Tensor | None) -> None:
     if q.dim() != 4 or k.shape != q.shape:
         raise ValueError(f"q and k must both be [B, T, H, K]; got {tuple(q.shape)} and {tuple(k.shape)}.")
@@ -149,6 +155,21 @@ def gated_delta_rule(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     fla = select_fla_module(q, _FLA_GDR_MODULE)
+    if fla is not None and q.shape[1] <= _FLA_RECURRENT_MAX_T and not _needs_grad(q, k, v, g, beta, initial_state):
+        # Decoding and other short inference calls: one fused kernel walks the tokens (what fla's own layers do
+        # for q_len <= 64 outside training); the chunk path launches a dozen kernels for a handful of tokens.
+        # It has no backward, hence only without gradients.
+        return fla.fused_recurrent_gated_delta_rule(
+            q=q,
+            k=k,
+            v=v,
+            g=g,
+            beta=beta,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            use_qk_l2norm_in_kernel=use_qk_l2norm,
+        )
     if fla is not None:
         # Always by keyword: fla's positional order differs between its chunk and fused_recurrent entry points.
         return fla.chunk_gated_delta_rule(

@@ -1,0 +1,496 @@
+"""The GPU benchmark suite (issue 7): speed and memory of sleep on a Jet-Nemotron-2B-shaped model, in one run.
+
+| id | what | target |
+|---|---|---|
+| a | training step at N in {1, 2, 4, 6}, L=2000, T=4000, `checkpointing: pass`: speed-up ÷ ideal speed-up | ≥ 0.9 |
+| b | engine at N=1 with no eviction vs the plain forward/backward of the same model | ≤ 1.10× |
+| c | peak memory N=6 vs N=1, with `checkpointing: pass` (and `none` for contrast) | ≤ 1.3× |
+| d | wake decode ms/token vs no sleep (one window over the stream), 2K/8K/32K context | ≤ 1.05×, flat |
+| e | latency of sleeping one L-token window at N passes vs N × prefill(L) | ≤ 1.1× |
+| f | MFU of the N=1 training step (b's engine step) vs a bf16 matmul peak measured in this run | ≥ 30% |
+| g | the Rule 110 model (4 layers, d=256, L=24): tokens/s at N in {1, 4} | report |
+
+The ideal cost of item a counts layer-passes (block calls) in the forward. Ratios are measured within the run.
+The model is random-init bf16 (weights and compute), batch 1.
+
+    python -m benchmarks.run --suite all --out benchmarks/results        # GPU machine, < 10 minutes
+    python -m benchmarks.run --suite all --dry-run                       # CPU: a tiny model through every item
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import retrofit
+from retrofit import SleepConfig, SleepEngine, apply_sleep
+from retrofit.generation import SleepCache
+
+CONFIG_2B = Path(__file__).resolve().parent / "configs" / "jet-nemotron-2b.json"
+ITEMS = "abcdefg"
+TARGETS = {
+    "a": "efficiency >= 0.9 at every N",
+    "b": "<= 1.10x",
+    "c": "<= 1.3x",
+    "d": "<= 1.05x and flat in context",
+    "e": "<= 1.1x",
+    "f": ">= 30%",
+    "g": "report",
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Sizes of one suite run: the paper's on a GPU, tiny ones for `--dry-run` on a CPU."""
+
+    config_overrides: dict
+    window: int
+    length: int
+    passes: tuple[int, ...]
+    contexts: tuple[int, ...]
+    decode_tokens: int
+    repeats: int
+    matmul_size: int
+
+
+GPU_SHAPE = Shape({}, 2000, 4000, (1, 2, 4, 6), (2048, 8192, 32768), 16, 3, 8192)
+DRY_SHAPE = Shape(
+    {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2,
+     "num_hidden_layers": 8, "vocab_size": 512, "layer_types": ["jet", "attn", "jet", "swa", "jet", "jet", "attn",
+     "jet"], "efficient_attention_config": {"jet": {"head_dim": 12, "num_heads": 2}, "swa": {"window_size": 24}}},
+    40, 80, (1, 2), (48, 96), 3, 1, 128,
+)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of `fn` after `warmup` calls, with the GPU drained around each call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
+        fn()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@contextmanager
+def peak_memory() -> dict:
+    """Peak allocated GiB inside the block (`{"gib": ...}`; None on a CPU)."""
+    out = {"gib": None}
+    if torch.cuda.is_available():
+        synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    yield out
+    if torch.cuda.is_available():
+        synchronize()
+        out["gib"] = torch.cuda.max_memory_allocated() / 2**30
+
+
+def count_layer_passes(model: torch.nn.Module, fn: Callable[[], object]) -> int:
+    """Block calls made by `fn` (the ideal cost unit of item a): every block of every pass counts once."""
+    calls = [0]
+
+    def hook(*_: object) -> None:
+        calls[0] += 1
+
+    handles = [block.register_forward_pre_hook(hook) for block in model.model.layers]
+    try:
+        with torch.no_grad():
+            fn()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls[0]
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+
+def jet_model(shape: Shape, device: torch.device) -> torch.nn.Module:
+    """Jet-Nemotron-2B's published config (or its tiny dry-run variant), random init, bf16, on `device`."""
+    with tempfile.TemporaryDirectory() as folder:
+        shutil.copy(CONFIG_2B, Path(folder) / "config.json")
+        config = AutoConfig.from_pretrained(folder)
+    for key, value in shape.config_overrides.items():
+        if key == "efficient_attention_config":
+            value = {k: {**config.efficient_attention_config[k], **v} for k, v in value.items()}
+        setattr(config, key, value)
+    if shape.config_overrides:  # the derived fields (block settings, layer count) follow the overrides
+        config = type(config).from_dict(config.to_dict())
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    return model.train()
+
+
+def train_step(model: torch.nn.Module, ids: torch.Tensor, forward: Callable | None = None) -> None:
+    """One forward+backward with every token supervised; gradients are dropped after."""
+    loss = (forward or model)(ids, labels=ids).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def sleep_config(shape: Shape, passes: int, checkpointing: str = "pass", window: int | None = None) -> SleepConfig:
+    return SleepConfig(window=window or shape.window, passes=passes, eviction="hard", checkpointing=checkpointing)
+
+
+# ---------------------------------------------------------------------------------------------- the items
+
+
+def item_a(model, shape: Shape, ids: torch.Tensor) -> dict:
+    """Step time, layer-passes and peak memory at every N, `checkpointing: pass`."""
+    rows = {}
+    for passes in shape.passes:
+        apply_sleep(model, sleep_config(shape, passes))
+        cost = count_layer_passes(model, lambda: model(ids, labels=ids))
+        with peak_memory() as peak:
+            seconds = median_seconds(lambda: train_step(model, ids), shape.repeats)
+        rows[passes] = {"seconds": seconds, "layer_passes": cost, "peak_gib": peak["gib"]}
+    base = rows[shape.passes[0]]
+    for row in rows.values():
+        speedup = base["seconds"] / row["seconds"]
+        ideal = base["layer_passes"] / row["layer_passes"]
+        row["efficiency"] = speedup / ideal
+        row["tokens_per_s"] = ids.numel() / row["seconds"]
+    worst = min(row["efficiency"] for row in rows.values())
+    return {"rows": rows, "value": worst, "met": worst >= 0.9}
+
+
+def item_b(model, shape: Shape, ids: torch.Tensor) -> dict:
+    """Engine at N=1 with one window over the whole sequence vs the plain forward, both without checkpointing."""
+    apply_sleep(model, sleep_config(shape, 1, "none", window=ids.shape[1]))
+    engine = median_seconds(lambda: train_step(model, ids), shape.repeats)
+    plain = median_seconds(lambda: train_step(model, ids, model.plain_forward), shape.repeats)
+    ratio = engine / plain
+    return {"engine_seconds": engine, "plain_seconds": plain, "value": ratio, "met": ratio <= 1.10}
+
+
+def item_c(model, shape: Shape, ids: torch.Tensor, pass_rows: dict) -> dict:
+    """Peak memory at the largest N against N=1: `pass` from item a, `none` measured here (OOM is reported)."""
+    low, high = shape.passes[0], shape.passes[-1]
+    peaks = {"pass": {low: pass_rows[low]["peak_gib"], high: pass_rows[high]["peak_gib"]}, "none": {}}
+    for passes in (low, high):
+        apply_sleep(model, sleep_config(shape, passes, "none"))
+        try:
+            with peak_memory() as peak:
+                train_step(model, ids)
+            peaks["none"][passes] = peak["gib"]
+        except torch.OutOfMemoryError:
+            model.zero_grad(set_to_none=True)
+            peaks["none"][passes] = None
+            torch.cuda.empty_cache()
+    ratio, contrast = (_ratio(peaks[mode][high], peaks[mode][low]) for mode in ("pass", "none"))
+    return {"peak_gib": peaks, "value": ratio, "none_ratio": contrast, "met": None if ratio is None else ratio <= 1.3}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None where either was not measured (a CPU run, or an out-of-memory)."""
+    return a / b if a is not None and b else None
+
+
+@torch.no_grad()
+def decode_latency(model, config: SleepConfig, context: int, new_tokens: int, vocab: int) -> float:
+    """Median seconds per greedy token after a `context`-token prompt, streaming through a `SleepCache`."""
+    apply_sleep(model, config)
+    generator = torch.Generator().manual_seed(context)
+    prompt = torch.randint(0, vocab, (1, context), generator=generator).to(model.device)
+    cache = SleepCache()
+    next_id = model(prompt, past_key_values=cache).logits[:, -1:].argmax(-1)
+    times = []
+    for _ in range(new_tokens):
+        synchronize()
+        start = time.perf_counter()
+        next_id = model(next_id, past_key_values=cache).logits[:, -1:].argmax(-1)
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def item_d(model, shape: Shape, vocab: int) -> dict:
+    """Per-token wake latency with sleep (KV bounded by L) vs no sleep (one window: all KV kept), per context.
+
+    No decoded token crosses a window boundary (contexts are not multiples of L), so this is the wake cost alone.
+    """
+    model.eval()
+    rows = {}
+    for context in tqdm(shape.contexts, desc="contexts", leave=False):
+        no_sleep = SleepConfig(window=context + shape.decode_tokens + 1, passes=1, eviction="hard")
+        sleeping = SleepConfig(window=shape.window, passes=shape.passes[-1], eviction="hard")
+        base = decode_latency(model, no_sleep, context, shape.decode_tokens, vocab)
+        ours = decode_latency(model, sleeping, context, shape.decode_tokens, vocab)
+        rows[context] = {"sleep_ms": ours * 1e3, "no_sleep_ms": base * 1e3, "ratio": ours / base}
+    model.train()
+    worst = max(row["ratio"] for row in rows.values())
+    first, last = rows[shape.contexts[0]]["sleep_ms"], rows[shape.contexts[-1]]["sleep_ms"]
+    flat = last / first
+    return {"rows": rows, "value": worst, "flatness": flat, "met": worst <= 1.05 and flat <= 1.05}
+
+
+def item_e(model, shape: Shape, ids: torch.Tensor) -> dict:
+    """Sleeping one window at N passes vs N prefills of it (a prefill is one wake pass over the window)."""
+    window_ids = ids[:, : shape.window]
+    positions = torch.arange(shape.window, device=ids.device)[None]
+    blocks = len(model.model.layers)
+    rows = {}
+    with torch.no_grad():
+        prefill_engine = SleepEngine(model.get_sleep_adapter(), sleep_config(shape, 1, "none"))
+        prefill = median_seconds(lambda: prefill_engine.forward(window_ids), shape.repeats)
+        for passes in shape.passes:
+            engine = SleepEngine(model.get_sleep_adapter(), sleep_config(shape, passes, "none"))
+            seconds = median_seconds(
+                lambda engine=engine: engine.sleep(window_ids, 0, positions, [None] * blocks, [None] * blocks),
+                shape.repeats,
+            )
+            rows[passes] = {"sleep_seconds": seconds, "ratio": seconds / (passes * prefill)}
+    worst = max(row["ratio"] for row in rows.values())
+    return {"prefill_seconds": prefill, "rows": rows, "value": worst, "met": worst <= 1.1}
+
+
+def matmul_peak_tflops(size: int, repeats: int) -> float:
+    """bf16 dense matmul throughput on this device, the MFU denominator."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    seconds = median_seconds(lambda: a @ b, max(repeats, 10), warmup=3)
+    return 2 * size**3 / seconds / 1e12
+
+
+def training_flops(model, tokens: int) -> float:
+    """Model FLOPs of one forward+backward over `tokens` tokens in one window (6 per matmul weight per token,
+    plus causal attention: 3 × 2·T·T_attended·H·D, where sliding layers attend to their window)."""
+    matmul_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    flops = 6 * matmul_weights * tokens
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        if getattr(attention, "kind", None) in ("attention", "sliding"):
+            span = min(tokens, attention.window or tokens)
+            flops += 3 * 2 * tokens * span * attention.num_heads * attention.head_dim  # QK^T and PV, causal half
+    return float(flops)
+
+
+def item_f(model, shape: Shape, ids: torch.Tensor, engine_seconds: float) -> dict:
+    peak = matmul_peak_tflops(shape.matmul_size, shape.repeats)
+    achieved = training_flops(model, ids.numel()) / engine_seconds / 1e12
+    mfu = achieved / peak
+    return {"matmul_peak_tflops": peak, "achieved_tflops": achieved, "value": mfu, "met": mfu >= 0.30}
+
+
+def item_g(dry_run: bool) -> dict:
+    """The Rule 110 model's training throughput, where kernel-launch overhead dominates."""
+    from benchmarks import rule110_engine
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = rule110_engine.rule110_model(device)
+    ids, labels = rule110_engine.batch(device, 8 if dry_run else rule110_engine.BATCH)
+    rows = {}
+    for passes in (1, 4):
+        apply_sleep(model, SleepConfig(window=rule110_engine.WINDOW, passes=passes, sleep_on="context_only"))
+        seconds = median_seconds(lambda: rule110_engine.train_step(model, ids, labels), 1 if dry_run else 5)
+        rows[passes] = {"seconds": seconds, "tokens_per_s": ids.numel() / seconds}
+    return {"rows": rows, "value": rows[4]["tokens_per_s"], "met": None}
+
+
+# ---------------------------------------------------------------------------------------------- the suite
+
+
+def run_suite(items: str, dry_run: bool, profile_dir: Path | None, report: Callable[[dict], None]) -> dict:
+    """Run `items` in order; after each one, hand the result so far to `report` (so a run cut short keeps it)."""
+    shape = DRY_SHAPE if dry_run else GPU_SHAPE
+    device = torch.device("cuda" if torch.cuda.is_available() and not dry_run else "cpu")
+    model = jet_model(shape, device)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, shape.length), generator=torch.Generator().manual_seed(0)).to(device)
+    results: dict = {}
+    result = {
+        "benchmark": "suite",
+        "date": date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)",
+        "torch": torch.__version__,
+        "retrofit": retrofit.__version__,
+        "host": platform.node(),
+        "shape": {"window": shape.window, "length": shape.length, "batch": 1, "dtype": "bfloat16"},
+        "targets": {k: TARGETS[k] for k in items},
+        "results": results,
+    }
+    measure = {
+        "a": lambda: item_a(model, shape, ids),
+        "b": lambda: item_b(model, shape, ids),
+        "c": lambda: item_c(model, shape, ids, (results.get("a") or item_a(model, shape, ids))["rows"]),
+        "d": lambda: item_d(model, shape, vocab),
+        "e": lambda: item_e(model, shape, ids),
+        "f": lambda: item_f(model, shape, ids, (results.get("b") or item_b(model, shape, ids))["engine_seconds"]),
+        "g": lambda: item_g(dry_run),
+    }
+    for item in tqdm(items, desc="benchmark items", unit="item"):
+        start = time.perf_counter()
+        results[item] = measure[item]()
+        results[item]["wall_seconds"] = time.perf_counter() - start
+        report(result)
+    if profile_dir is not None:
+        results["profile"] = profile_step(model, shape, ids, profile_dir)
+    return result
+
+
+def profile_step(model, shape: Shape, ids: torch.Tensor, folder: Path) -> str:
+    """Top kernels of one training step at the second N (torch profiler), written to `folder/profile.txt`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    apply_sleep(model, sleep_config(shape, shape.passes[1]))
+    train_step(model, ids)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        train_step(model, ids)
+        synchronize()
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "profile.txt").write_text(table)
+    return str(folder / "profile.txt")
+
+
+_SUMMARIES = {
+    "a": lambda x: f"worst efficiency {x['value']:.2f}",
+    "b": lambda x: f"{x['value']:.3f}x ({x['engine_seconds'] * 1e3:.0f} vs {x['plain_seconds'] * 1e3:.0f} ms)",
+    "c": lambda x: f"pass {_x(x['value'])}; none {_x(x['none_ratio'])} (n/a: OOM or no GPU)",
+    "d": lambda x: f"worst {x['value']:.3f}x; sleep latency last/first context {x['flatness']:.2f}",
+    "e": lambda x: f"worst {x['value']:.2f}x (prefill {x['prefill_seconds'] * 1e3:.0f} ms)",
+    "f": lambda x: f"{x['value'] * 100:.1f}% ({x['achieved_tflops']:.0f} of {x['matmul_peak_tflops']:.0f} TFLOP/s)",
+    "g": lambda x: ", ".join(f"N={n}: {row['tokens_per_s']:.3g} tokens/s" for n, row in x["rows"].items()),
+}
+
+
+def summary_line(item: str, measured: dict) -> str:
+    """One row of the suite's table: the item's measured value, its target and whether it is met."""
+    flag = measured["met"]
+    met = "report" if flag is None else ("yes" if flag else "**no**")
+    return f"| {item} | {_SUMMARIES[item](measured)} | {TARGETS[item]} | {met} |"
+
+
+def markdown(result: dict) -> str:
+    """The suite's table: one line per item with its measured value and target, then the per-N details."""
+    r = result["results"]
+    lines = [f"{result['device']}, {result['date']}, torch {result['torch']}", "", "| id | measured | target | met |",
+             "|---|---|---|---|"]  # fmt: skip
+    lines += [summary_line(item, r[item]) for item in ITEMS if item in r]
+    if "a" in r:
+        lines += [
+            "",
+            "| N | step (ms) | layer-passes | efficiency | tokens/s | peak (GiB) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for n, row in r["a"]["rows"].items():
+            lines.append(
+                f"| {n} | {row['seconds'] * 1e3:.0f} | {row['layer_passes']} | {row['efficiency']:.2f} | "
+                f"{row['tokens_per_s']:.0f} | {_x(row['peak_gib'], '')} |"
+            )
+    if "d" in r:
+        lines += ["", "| context | sleep (ms/token) | no sleep (ms/token) | ratio |", "|---|---|---|---|"]
+        for context, row in r["d"]["rows"].items():
+            lines.append(f"| {context} | {row['sleep_ms']:.2f} | {row['no_sleep_ms']:.2f} | {row['ratio']:.3f} |")
+    if "e" in r:
+        lines += ["", "| N | sleep one window (ms) | ÷ (N × prefill) |", "|---|---|---|"]
+        for n, row in r["e"]["rows"].items():
+            lines.append(f"| {n} | {row['sleep_seconds'] * 1e3:.0f} | {row['ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(result_files: list[Path], out: Path) -> None:
+    """Training-step cost against N (measured vs ideal, item a) and decode latency against context (item d),
+    from one or more result JSONs of the same device."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results: dict = {}
+    for path in result_files:
+        results |= json.loads(path.read_text())["results"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    if "a" in results:
+        rows = {int(n): row for n, row in results["a"]["rows"].items()}
+        passes, base = sorted(rows), rows[min(rows)]
+        left.plot(passes, [rows[n]["seconds"] / base["seconds"] for n in passes], "o-", label="measured")
+        left.plot(passes, [rows[n]["layer_passes"] / base["layer_passes"] for n in passes], "k--", label="ideal")
+        left.set(xlabel="sleep passes N", ylabel="training-step time / N=1", title="a: step cost vs N")
+        left.legend()
+    if "d" in results:
+        rows = {int(c): row for c, row in results["d"]["rows"].items()}
+        contexts = sorted(rows)
+        right.plot(contexts, [rows[c]["sleep_ms"] for c in contexts], "o-", label="sleep (KV <= L)")
+        right.plot(contexts, [rows[c]["no_sleep_ms"] for c in contexts], "s--", label="no sleep (all KV)")
+        right.set(xscale="log", xlabel="context (tokens)", ylabel="ms per token", title="d: decode latency")
+        right.set_xticks(contexts, [f"{c / 1024:g}K" for c in contexts], minor=False)
+        right.minorticks_off()
+        right.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def _x(value: float | None, unit: str = "x") -> str:
+    return "n/a" if value is None else f"{value:.2f}{unit}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="sleep-retrofit GPU benchmark suite (issue 7)")
+    parser.add_argument("--suite", default="all", help=f"'all' or item ids, e.g. 'ab' (from {ITEMS})")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the JSON result (and the profile)")
+    parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: checks the suite runs")
+    parser.add_argument("--profile", action="store_true", help="also profile one training step (torch profiler)")
+    parser.add_argument("--plot", type=Path, nargs="+", metavar="RESULT_JSON", help="only draw RESULT_JSONs to --out")
+    args = parser.parse_args(argv)
+    if args.plot:
+        out = args.out or Path("suite.png")
+        plot(args.plot, out)
+        print(f"wrote {out}")
+        return 0
+    items = ITEMS if args.suite == "all" else args.suite
+    unknown = set(items) - set(ITEMS)
+    if unknown:
+        parser.error(f"--suite: unknown item(s) {''.join(sorted(unknown))}; use 'all' or letters from {ITEMS}")
+    if not args.dry_run and not torch.cuda.is_available():
+        parser.error("the suite measures a GPU: run it on a CUDA machine, or pass --dry-run to check it on a CPU")
+    profile_dir = (args.out or Path(tempfile.mkdtemp())) if args.profile else None
+    stem = "dry-run" if args.dry_run else f"{date.today().isoformat()}-suite"
+
+    def report(result: dict) -> None:
+        table = markdown(result)
+        done = [item for item in items if item in result["results"]]
+        tqdm.write(table if len(done) == len(items) else summary_line(done[-1], result["results"][done[-1]]))
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+            (args.out / f"{stem}.md").write_text(table + "\n")
+
+    run_suite(items, args.dry_run, profile_dir, report)
+    if args.out is not None:
+        print(f"wrote {args.out / stem}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
