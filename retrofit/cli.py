@@ -72,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
         "--resume", metavar="PATH|auto", help="continue from a checkpoint folder, or from the latest one in output_dir"
     )
     train.add_argument("--overwrite", action="store_true", help="discard output_dir's checkpoints and start over")
+    train.add_argument(
+        "--print-launch",
+        action="store_true",
+        help="for a recipe with launch:, write its DeepSpeed config and print the accelerate command, not run it",
+    )
     train.set_defaults(run=_train)
 
     validate = commands.add_parser("validate", help="check a recipe (with --dry-run: build it and take one step)")
@@ -99,21 +104,28 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from retrofit.launch import inside_launched_process, launch_train
     from retrofit.recipes import load_recipe
     from retrofit.training.trainer import train
 
     loaded = load_recipe(args.recipe, args.overrides)
     with loaded.attributing_errors():
+        if args.print_launch or (loaded.recipe.launch is not None and not inside_launched_process()):
+            return launch_train(
+                loaded, args.overrides, resume=args.resume, overwrite=args.overwrite, print_only=args.print_launch
+            )
         train(loaded, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from retrofit.launch import check_launch
     from retrofit.recipes import load_recipe, resolve
     from retrofit.training.trainer import dry_run
 
     loaded = load_recipe(args.recipe, args.overrides)
     with loaded.attributing_errors():
+        check_launch(loaded.recipe)
         resolved = resolve(loaded.recipe)
         report = dry_run(loaded) if args.dry_run else None
     recipe = loaded.recipe
@@ -136,6 +148,8 @@ def _validate(args: argparse.Namespace) -> int:
             f"one optimizer step on 2 examples: loss {report.loss:.4f} ({report.device}, "
             f"mixed precision {report.precision})"
         )
+        for line in report.stages:
+            print(line)
     return 0
 
 

@@ -11,7 +11,9 @@ Modules that the retrofit inserted (Ouro's Jet mixers, `model.jet_mixers.*`) hav
 they go to `modules_to_save` and train in full.
 
 The trainer calls `apply_adapter(model, recipe.adapter)` after `apply_sleep`; `save_adapter` writes the PEFT files
-plus the sleep config; `retrofit merge ADAPTER_DIR -o OUT` folds the adapter into its base.
+plus what rebuilds the sleeping base from the checkpoint named in `adapter_config.json` (the sleep config, and the
+recipe's `model.config_overrides` if any); `load_adapter` reads them back (`retrofit eval` of an adapter folder uses
+it), and `retrofit merge ADAPTER_DIR -o OUT` folds the adapter into its base.
 """
 
 from __future__ import annotations
@@ -21,17 +23,22 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 from retrofit.apply import apply_sleep
 from retrofit.recipes.schema import AdapterSection
+from retrofit.training.pretrained import load_pretrained
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "a_proj", "b_proj", "g_proj", "o_proj")
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 SLEEP_CONFIG_FILE = "sleep_config.json"
+CONFIG_OVERRIDES_FILE = "config_overrides.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
@@ -105,23 +112,46 @@ def apply_adapter(model: PreTrainedModel, section: AdapterSection | None) -> nn.
     return model if section is None else apply_lora(model, section)
 
 
-def save_adapter(model: PeftModel, directory: Path) -> None:
-    """PEFT's adapter files (safetensors) plus the sleep config, so the adapter loads onto a non-sleeping base."""
-    model.save_pretrained(directory, safe_serialization=True)
+def save_adapter(
+    model: PeftModel,
+    directory: Path,
+    config_overrides: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """PEFT's adapter files (safetensors) plus the sleep config, so the adapter loads onto a non-sleeping base, and
+    the `model.config_overrides` its base was loaded with (`retrofit.training.pretrained.load_pretrained`).
+    `state_dict`: the model's full weights where its own are shards (DeepSpeed ZeRO-3)."""
+    directory = Path(directory)
+    model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
     sleep = model.get_base_model().config.sleep_config
-    (Path(directory) / SLEEP_CONFIG_FILE).write_text(json.dumps(sleep, indent=2) + "\n")
+    (directory / SLEEP_CONFIG_FILE).write_text(json.dumps(sleep, indent=2) + "\n")
+    if config_overrides:
+        (directory / CONFIG_OVERRIDES_FILE).write_text(json.dumps(config_overrides, indent=2) + "\n")
+
+
+def is_adapter_dir(directory: Path) -> bool:
+    """Whether `directory` holds a PEFT adapter (an `adapter_config.json`)."""
+    return (Path(directory) / ADAPTER_CONFIG_FILE).is_file()
 
 
 def load_adapter(
     directory: Path, base: PreTrainedModel | str | Path | None = None, dtype: torch.dtype | None = None
 ) -> PeftModel:
-    """An adapter folder on its base (default: the one in `adapter_config.json`, loaded in `dtype`), made to sleep
-    as when trained."""
+    """An adapter folder on its base, made to sleep as when trained.
+
+    The base defaults to the checkpoint (and revision) in `adapter_config.json`, loaded in `dtype` with the saved
+    config overrides; a base given as a model is used as it is.
+    """
     directory = Path(directory)
-    if base is None:
-        base = json.loads((directory / "adapter_config.json").read_text())["base_model_name_or_path"]
     if not isinstance(base, PreTrainedModel):
-        base = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+        adapter_config = json.loads((directory / ADAPTER_CONFIG_FILE).read_text())
+        overrides_file = directory / CONFIG_OVERRIDES_FILE
+        base = load_pretrained(
+            str(base or adapter_config["base_model_name_or_path"]),
+            revision=None if base else adapter_config.get("revision"),
+            overrides=json.loads(overrides_file.read_text()) if overrides_file.is_file() else None,
+            dtype=dtype,
+        )
     sleep_file = directory / SLEEP_CONFIG_FILE
     if sleep_file.is_file():
         apply_sleep(base, json.loads(sleep_file.read_text()))
@@ -155,7 +185,7 @@ def add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_merge(args: argparse.Namespace) -> int:
     """Handler of `retrofit merge`; a folder that is not an adapter exits 2 with one line."""
-    if not (args.adapter_dir / "adapter_config.json").is_file():
+    if not is_adapter_dir(args.adapter_dir):
         print(f"error: {args.adapter_dir} holds no adapter_config.json (not a LoRA adapter folder)", file=sys.stderr)
         return 2
     merge(args.adapter_dir, args.output_dir, args.base)

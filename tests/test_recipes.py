@@ -99,6 +99,14 @@ def test_set_overrides_are_parsed_as_yaml(tmp_path):
     assert resolve(recipe).sleep.loop_range == (0, 2)
 
 
+def test_set_overrides_reach_list_items(tmp_path):
+    stages = [{"name": "a", "max_steps": 1}, {"name": "b", "max_steps": 1}]
+    path = write(tmp_path / "r.yaml", minimal(stages=stages))
+    overrides = ["stages[1].max_steps=5", "stages.0.sleep.eviction=sliding", "train.max_steps=6"]
+    resolved = resolve(load_recipe(path, overrides).recipe)
+    assert [(s.start, s.stop, s.sleep.eviction) for s in resolved.stages] == [(0, 1, "sliding"), (1, 6, "hard")]
+
+
 def test_error_names_the_base_file_that_set_the_key(tmp_path):
     write(tmp_path / "base.yaml", minimal(train={"max_steps": 2, "batch_size": 4, "warmup": 3}))
     child = write(tmp_path / "child.yaml", {"base": "base.yaml", "output_dir": "x"})
@@ -138,6 +146,25 @@ def _raw(tmp_path: Path, text: str) -> list[str]:
     return [str(path)]
 
 
+def _on_ouro(tmp_path: Path, *extra: str, weights: bool = False, **changes) -> list[str]:
+    """A minimal recipe on a tiny local Ouro checkpoint (its config, or with `weights` a whole checkpoint)."""
+    from tests.training_helpers import RULE110_VOCAB, tiny_ouro_checkpoint
+
+    folder = tmp_path / "ouro"
+    if weights:
+        tiny_ouro_checkpoint(folder)
+    else:
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(_tiny_ouro() | {"vocab_size": RULE110_VOCAB}))
+    data = minimal(**changes)
+    data["model"] = {"pretrained": str(folder), **changes.get("model", {})}
+    return [*_recipe(tmp_path, data), *extra]
+
+
+def _stages(*stages: dict, **changes) -> dict:
+    return minimal(stages=list(stages), **changes)
+
+
 MALFORMED = {
     # name: (build argv after `validate`, text the one-line error must contain)
     "unknown key": (lambda t: _recipe(t, minimal(train={"max_step": 5})), "train.max_step: unknown key; did you mean"),
@@ -158,6 +185,10 @@ MALFORMED = {
     "base cycle": (_cycle, "inheritance cycle"),
     "bad --set path": (lambda t: _recipe(t, minimal(), "train.max_steps.x=1"), "train.max_steps is a value"),
     "unknown --set key": (lambda t: _recipe(t, minimal(), "train.max_stepz=1"), "--set train.max_stepz=1"),
+    "--set past the end of a list": (
+        lambda t: _recipe(t, _stages({"name": "a", "max_steps": 2}), "stages[3].max_steps=1"),
+        "--set stages[3].max_steps=1: stages[3].max_steps: '3' is not an item of this list of 1",
+    ),
     "--set without value": (lambda t: _recipe(t, minimal(), "train.max_steps"), "expected --set KEY.PATH=VALUE"),
     "unknown optimizer": (lambda t: _recipe(t, minimal(optimizer={"name": "sgd"})), "optimizer.name"),
     "invalid yaml": (lambda t: _raw(t, "train: [unclosed\n"), "invalid YAML at line"),
@@ -186,6 +217,82 @@ MALFORMED = {
         lambda t: _recipe(t, {k: v for k, v in minimal().items() if k != "train"}),
         "train: required key is missing",
     ),
+    "unknown sleep key": (
+        lambda t: _recipe(t, minimal(sleep={"evicton": "hard"})),
+        "sleep.evicton: unknown key; did you mean 'eviction'?",
+    ),
+    "stage steps do not add up": (
+        lambda t: _recipe(t, _stages({"name": "a", "max_steps": 1}, {"name": "b", "max_steps": 2})),
+        "train.max_steps: is 2, but the stages take 1 + 2 = 3 steps; set train.max_steps: 3",
+    ),
+    "unknown stage key": (
+        lambda t: _recipe(t, _stages({"name": "a", "max_steps": 2, "trainables": ["*"]})),
+        "bad.yaml: stages[0].trainables: unknown key; did you mean 'trainable'?",
+    ),
+    "unknown stage sleep key": (
+        lambda t: _recipe(t, _stages({"name": "a", "max_steps": 2, "sleep": {"evicton": "hard"}})),
+        "bad.yaml: stages[0].sleep.evicton: unknown key; did you mean 'eviction'?",
+    ),
+    "bad stage sleep value": (
+        lambda t: _recipe(
+            t, _stages({"name": "a", "max_steps": 1}, {"name": "b", "max_steps": 1, "sleep": {"eviction": "soft"}})
+        ),
+        "stages[1].sleep.eviction: 'soft' is invalid",
+    ),
+    "stage loop range out of bounds": (
+        lambda t: _recipe(t, _stages({"name": "a", "max_steps": 2, "sleep": {"loop_range": [0, 9]}})),
+        "stages[0].sleep.loop_range: [0, 9] is out of bounds",
+    ),
+    "empty stage trainable": (
+        lambda t: _recipe(t, _stages({"name": "a", "max_steps": 2, "trainable": []})),
+        "stages[0].trainable: is empty",
+    ),
+    "repeated stage name": (
+        lambda t: _recipe(t, _stages({"name": "a", "max_steps": 1}, {"name": "a", "max_steps": 1})),
+        "stages[1].name: 'a' is taken by an earlier stage",
+    ),
+    "stage pattern matching nothing": (
+        lambda t: [*_recipe(t, _stages({"name": "a", "max_steps": 2, "trainable": ["model.mixers.*"]})), "--dry-run"],
+        "bad.yaml: stages[0].trainable: pattern 'model.mixers.*' matches no parameter of the model",
+    ),
+    "config overrides without a checkpoint": (
+        lambda t: _recipe(t, minimal(model={"config_overrides": {"hidden_size": 8}})),
+        "model.config_overrides: only changes a checkpoint's config",
+    ),
+    "unknown config override": (
+        lambda t: _on_ouro(t, model={"config_overrides": {"jet_mixer_layer": [1]}}),
+        "model.config_overrides.jet_mixer_layer: unknown key for OuroConfig",
+    ),
+    "ill-typed config override": (
+        lambda t: _on_ouro(t, model={"config_overrides": {"total_ut_steps": "many"}}),
+        "model.config_overrides.total_ut_steps",
+    ),
+    "invalid config override": (
+        lambda t: _on_ouro(t, model={"config_overrides": {"jet_mixer_layers": [9]}}),
+        "model.config_overrides.jet_mixer_layers: jet_mixer_layers = [9] must be increasing layer indices in [0, 6)",
+    ),
+    "sleep config override": (
+        lambda t: _on_ouro(t, model={"config_overrides": {"sleep_config": {"passes": 2}}}),
+        "model.config_overrides.sleep_config: the sleep schedule is the recipe's sleep: section",
+    ),
+    "adapter without a checkpoint": (
+        lambda t: _recipe(t, minimal(adapter="lora")),
+        "adapter: LoRA adapts pretrained weights",
+    ),
+    "adapter target an op bypasses": (
+        lambda t: _on_ouro(t, "--dry-run", weights=True, adapter={"target_modules": ["q_proj", "A_log"]}),
+        "adapter.target_modules: LoRA target 'A_log' is a parameter",
+    ),
+    "stage pattern only the adapter freezes": (
+        lambda t: _on_ouro(
+            t,
+            "--dry-run",
+            weights=True,
+            adapter="lora",
+            stages=[{"name": "a", "max_steps": 2, "trainable": ["*.mlp.*"]}],
+        ),
+        "stages[0].trainable: pattern '*.mlp.*' matches only parameters the adapter freezes",
+    ),
 }
 
 
@@ -194,7 +301,8 @@ def test_malformed_recipe_exits_2_with_one_line(case, tmp_path, capsys):
     build, expected = MALFORMED[case]
     assert main(["validate", *build(tmp_path)]) == 2
     out = capsys.readouterr()
-    line = out.err.strip()
+    # A dry run on a checkpoint shows transformers' weight-loading bar before the error; the error is one line.
+    line = "\n".join(x for x in out.err.strip().splitlines() if "Loading weights" not in x)
     assert "\n" not in line and "Traceback" not in out.err, out.err
     assert line.startswith("error: ") and expected in line, line
 
@@ -223,11 +331,13 @@ SHORT_GSM = [
 
 @dataclass(frozen=True)
 class StandIn:
-    """A local replacement for a Hub checkpoint: its config.json (as a dict), its tokenizer and a shrink."""
+    """A local replacement for a Hub checkpoint: its config.json (as a dict), its tokenizer, a shrink, and `--set`s
+    that fit the recipe's `model.config_overrides` to the stand-in."""
 
     config: Callable[[], dict]
     tokenizer: str | None  # a local tokenizer folder, or None for the task's own local tokenizer
     shrink: dict
+    sets: tuple[str, ...] = ()
 
 
 JET = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "jet-nemotron"
@@ -240,18 +350,20 @@ def _published_jet_2b() -> dict:
     return json.loads(path.read_text())
 
 
+TINY_MIXERS = {
+    "num_heads": 2,
+    "head_dim": 8,
+    "expand_v": 2,
+    "conv_size": 4,
+    "dconv_generator_reduction": 4,
+    "norm_eps": "1e-5",
+}
+
+
 def _tiny_ouro() -> dict:
     from tests.ouro_checkpoint import tiny_config
 
-    mixers = {
-        "num_heads": 2,
-        "head_dim": 8,
-        "expand_v": 2,
-        "conv_size": 4,
-        "dconv_generator_reduction": 4,
-        "norm_eps": "1e-5",
-    }
-    return tiny_config(num_layers=6, total_ut_steps=4) | {"vocab_size": 1024, "jet_mixer_config": mixers}
+    return tiny_config(num_layers=6, total_ut_steps=4) | {"vocab_size": 1024, "jet_mixer_config": TINY_MIXERS}
 
 
 PRETRAINED = {
@@ -277,8 +389,17 @@ PRETRAINED = {
             },
         },
     ),
-    # No published Ouro config is stored locally: a tiny one of the same layout, with the task's local tokenizer.
-    "ByteDance/Ouro-1.4B": StandIn(_tiny_ouro, None, {}),
+    # No published Ouro config is stored locally: a tiny one of the same layout, with the task's local tokenizer, and
+    # mixers that fit its 6 layers.
+    "ByteDance/Ouro-1.4B": StandIn(
+        _tiny_ouro,
+        None,
+        {},
+        (
+            "model.config_overrides.jet_mixer_layers=[1, 3, 5]",
+            f"model.config_overrides.jet_mixer_config={json.dumps(TINY_MIXERS)}",
+        ),
+    ),
 }
 
 
@@ -306,7 +427,7 @@ def stand_in(recipe: Path, tmp_path: Path, *, build: bool) -> list[str]:
         for key, value in spec.shrink.items():
             setattr(config, key, value)
         AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    overrides = [*cpu, f"model.pretrained={folder}"]
+    overrides = [*cpu, f"model.pretrained={folder}", *spec.sets]
     if recipe_obj.task.options.get("tokenizer") == model.pretrained:
         overrides.append(f"task.options.tokenizer={spec.tokenizer or 'null'}")
     if build and recipe_obj.task.name == "gsm_infinite":

@@ -64,6 +64,9 @@ class OuroConfig(PublishedDecoderConfig, PreTrainedConfig):
     model_type = "ouro"
     keys_to_ignore_at_inference = ["past_key_values"]
     default_theta = 1_000_000.0  # the published models' rope_theta, used when a config gives none
+    # Fields that describe the retrofit, not the checkpoint's weights: a recipe's `model.config_overrides` sets them
+    # after loading, so that `apply_sleep` inserts the mixers they describe (`retrofit.training.pretrained`).
+    retrofit_fields = ("jet_mixer_layers", "jet_mixer_config")
 
     vocab_size: int = 49152
     hidden_size: int = 2048

@@ -6,7 +6,16 @@ and the fix.
 """
 
 from retrofit.recipes.loader import LoadedRecipe, RecipeError, dump_recipe, load_recipe
-from retrofit.recipes.resolve import ResolvedRecipe, resolve
+from retrofit.recipes.resolve import ResolvedRecipe, ResolvedStage, resolve
 from retrofit.recipes.schema import Recipe
 
-__all__ = ["LoadedRecipe", "Recipe", "RecipeError", "ResolvedRecipe", "dump_recipe", "load_recipe", "resolve"]
+__all__ = [
+    "LoadedRecipe",
+    "Recipe",
+    "RecipeError",
+    "ResolvedRecipe",
+    "ResolvedStage",
+    "dump_recipe",
+    "load_recipe",
+    "resolve",
+]

@@ -2,14 +2,17 @@
 
 Inheritance: `base:` (a path relative to the file, or a list of them) is loaded first and the file's own keys are
 deep-merged over it (mappings merge key by key; lists and scalars replace). Cycles are errors. Overrides
-`--set a.b=c` apply last; `c` is parsed as YAML (`3`, `1.0e-3`, `[1, 2]`, `null`). The loader remembers which file
-(or which `--set`) gave each key, so an error names where to fix it.
+`--set a.b=c` apply last; `c` is parsed as YAML (`3`, `1.0e-3`, `[1, 2]`, `null`), and a list item is named by
+its index (`--set stages.1.max_steps=50`, or `stages[1]` quoted against the shell). The loader remembers which
+file (or which `--set`) gave each key, so an error names where to fix it; errors name list items as
+`stages[1].trainable`.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -153,26 +156,39 @@ def _leaf_paths(data: Mapping[str, Any], prefix: KeyPath = ()) -> Iterable[KeyPa
 def _apply_override(data: dict[str, Any], item: str, sources: dict[KeyPath, str]) -> None:
     source = f"--set {item}"
     key, sep, raw = item.partition("=")
-    parts = key.strip().split(".")
+    parts = key.strip().replace("[", ".").replace("]", "").split(".")
     if not sep or not all(parts):
         raise RecipeError("", "expected --set KEY.PATH=VALUE, e.g. --set train.max_steps=100", source)
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         raise RecipeError(key, f"cannot parse the value {raw!r} as YAML (quote strings with spaces)", source) from None
-    node = data
+    node: dict[str, Any] | list[Any] = data
     for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        elif not isinstance(child, dict):
+        if isinstance(node, list):
+            child = node[_list_index(node, part, key, source)]
+        else:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+        if not isinstance(child, dict | list):
             where = ".".join(parts[: i + 1])
             raise RecipeError(
                 key, f"{where} is a value ({child!r}), not a section; it has no key {parts[i + 1]!r}", source
             )
         node = child
-    node[parts[-1]] = value
+    if isinstance(node, list):
+        node[_list_index(node, parts[-1], key, source)] = value
+    else:
+        node[parts[-1]] = value
     sources[tuple(parts)] = source
+
+
+def _list_index(items: list[Any], part: str, key: str, source: str) -> int:
+    """`part` as an index into `items` (a list in the recipe), or a `RecipeError` saying which indices exist."""
+    if not part.isdigit() or int(part) >= len(items):
+        raise RecipeError(key, f"{part!r} is not an item of this list of {len(items)}, indexed from 0", source)
+    return int(part)
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -182,7 +198,7 @@ def _attribute(error: RecipeError, sources: dict[KeyPath, str], path: Path) -> R
     """Name the file or `--set` item that set the error's key (or its nearest parent); else the recipe file."""
     if error.source:
         return error
-    parts = tuple(error.key.split(".")) if error.key else ()
+    parts = tuple(re.findall(r"[^.\[\]]+", error.key))
     while parts and parts not in sources:
         parts = parts[:-1]
     return error.with_source(sources[parts] if parts else _display(path))
@@ -192,7 +208,7 @@ def _first_error(exc: ValidationError) -> RecipeError:
     errors = exc.errors()
     err = errors[0]
     loc = tuple(str(p) for p in err["loc"])
-    key = ".".join(loc)
+    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).removeprefix(".")
     more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
     if err["type"] == "extra_forbidden":
         known = _known_keys(loc[:-1])

@@ -1,19 +1,25 @@
-"""Turn a validated recipe into the objects a run needs: task, sleep config, model config.
+"""Turn a validated recipe into the objects a run needs: task, sleep config, model config, stages.
 
 These are the checks that need more than the schema: task options (the task's own constructor checks them),
-the sleep fields (`SleepConfig` checks them), the model config's keys and types, the vocabulary against the
-task's tokenizer, and the loop range against the model's block count. Every failure is a `RecipeError` that
-names the recipe key to fix. Nothing here builds weights.
+the sleep fields (`SleepConfig` checks them, for the top-level `sleep` and for each stage's), the model config's
+keys and types (and a checkpoint's `model.config_overrides`), the vocabulary against the task's tokenizer, the
+loop range against the model's block count, and the stage lengths against `train.max_steps`. Every failure is a
+`RecipeError` that names the recipe key to fix. Nothing here builds weights: the stages' `trainable` patterns are
+checked against the built model (`retrofit.training.stages.check_trainable`).
 """
 
 from __future__ import annotations
 
+import copy
+import difflib
+import re
 import typing
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from pydantic import TypeAdapter, ValidationError
 from transformers import AutoConfig, PreTrainedConfig
 
@@ -27,22 +33,47 @@ DEFAULT_MODEL_TYPE = "sleep_hybrid"
 
 
 @dataclass(frozen=True)
+class ResolvedStage:
+    """One stage of a run: optimizer steps `[start, stop)`, the patterns of what trains, and its sleep config.
+
+    A recipe without `stages:` runs as one stage, `train`, over every step, training every parameter.
+    """
+
+    name: str
+    start: int
+    stop: int
+    trainable: tuple[str, ...]
+    sleep: SleepConfig
+
+
+@dataclass(frozen=True)
 class ResolvedRecipe:
-    """A recipe with its task, eval task, sleep config and model config built and cross-checked."""
+    """A recipe with its task, eval task, sleep config, model config and stages built and cross-checked.
+
+    `sleep` is the top-level `sleep:` section; each stage's `sleep` is that section with the stage's changes.
+    """
 
     recipe: Recipe
     task: Task
     eval_task: Task
     sleep: SleepConfig
     model_config: PreTrainedConfig
+    stages: tuple[ResolvedStage, ...]
+
+    @property
+    def config_overrides(self) -> dict[str, Any]:
+        """`model.config_overrides` with the values as checked and typed for the config class (`model_config`)."""
+        return {key: getattr(self.model_config, key) for key in self.recipe.model.config_overrides}
 
 
 def resolve(recipe: Recipe) -> ResolvedRecipe:
     """Build and cross-check everything but the weights; raise `RecipeError` naming the key to fix."""
-    if recipe.adapter is not None:
-        raise RecipeError("adapter", "adapters (LoRA) are not supported by this version yet; remove the section")
-    if recipe.stages is not None:
-        raise RecipeError("stages", "staged training is not supported by this version yet; remove the section")
+    if recipe.adapter is not None and recipe.model.pretrained is None:
+        raise RecipeError(
+            "adapter",
+            "LoRA adapts pretrained weights, and model.config builds a random model: load a checkpoint with "
+            "model.pretrained, or remove adapter to train every parameter",
+        )
     task = _task(recipe.task.name, recipe.task.options, "task.options")
     eval_task = _task(recipe.task.name, {**recipe.task.options, **recipe.eval.task_options}, "eval.task_options")
     sleep = sleep_config(recipe.sleep, task.window)
@@ -54,31 +85,85 @@ def resolve(recipe: Recipe) -> ResolvedRecipe:
             )
     model_config = _model_config(recipe, len(task.tokenizer))
     num_blocks = getattr(model_config, "num_hidden_layers", None)
-    if isinstance(num_blocks, int):
-        try:
-            sleep.check_blocks(num_blocks)
-        except SleepConfigError as exc:
-            raise _sleep_error(exc) from None
-    return ResolvedRecipe(recipe, task, eval_task, sleep, model_config)
+    num_blocks = num_blocks if isinstance(num_blocks, int) else None
+    _check_blocks(sleep, num_blocks, "sleep")
+    stages = _stages(recipe, sleep, task.window, num_blocks)
+    return ResolvedRecipe(recipe, task, eval_task, sleep, model_config, stages)
 
 
-def sleep_config(section: dict[str, Any], default_window: int) -> SleepConfig:
-    """The `sleep:` section as a `SleepConfig`; `window` defaults to the task's window."""
+def sleep_config(section: dict[str, Any], default_window: int, key: str = "sleep") -> SleepConfig:
+    """A sleep section (the recipe's `sleep:`, or a stage's merged over it, under `key`) as a `SleepConfig`.
+
+    `window` defaults to the task's window. Unknown and invalid fields are errors naming `KEY.FIELD`.
+    """
+    known = [f.name for f in fields(SleepConfig)]
+    for field in section:
+        if field not in known:
+            close = difflib.get_close_matches(field, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise RecipeError(f"{key}.{field}", f"unknown key; {hint}known keys here: {', '.join(sorted(known))}")
     try:
         return SleepConfig.from_dict({"window": default_window, **section})
     except SleepConfigError as exc:
-        raise _sleep_error(exc) from None
+        raise _sleep_error(exc, key) from None
     except TypeError as exc:
-        raise RecipeError("sleep", f"{exc}") from None
+        raise RecipeError(key, f"{exc}") from None
 
 
-def _sleep_error(exc: SleepConfigError) -> RecipeError:
-    """`SleepConfigError` messages start with `sleep_config.FIELD`; report them under `sleep.FIELD`."""
+def _check_blocks(sleep: SleepConfig, num_blocks: int | None, key: str) -> None:
+    """The loop range against the model's block count, where the config gives one."""
+    if num_blocks is None:
+        return
+    try:
+        sleep.check_blocks(num_blocks)
+    except SleepConfigError as exc:
+        raise _sleep_error(exc, key) from None
+
+
+def _sleep_error(exc: SleepConfigError, key: str) -> RecipeError:
+    """`SleepConfigError` messages start with `sleep_config.FIELD`; report them under `KEY.FIELD`."""
     message = str(exc)
     head, _, rest = message.partition(" ")
     if head.startswith("sleep_config."):
-        return RecipeError("sleep." + head.removeprefix("sleep_config."), rest.removeprefix("= "))
-    return RecipeError("sleep", message.removeprefix("sleep_config "))
+        return RecipeError(f"{key}.{head.removeprefix('sleep_config.')}", rest.removeprefix("= "))
+    return RecipeError(key, message.removeprefix("sleep_config "))
+
+
+def _stages(
+    recipe: Recipe, sleep: SleepConfig, default_window: int, num_blocks: int | None
+) -> tuple[ResolvedStage, ...]:
+    """The run's stages, one after another; without `stages:`, one stage over every step that trains everything.
+
+    Rule: `train.max_steps` must equal the sum of the stages' `max_steps` (the LR schedule, the progress bar and
+    the checkpoints count steps over the whole run).
+    """
+    if recipe.stages is None:
+        return (ResolvedStage("train", 0, recipe.train.max_steps, ("*",), sleep),)
+    if not recipe.stages:
+        raise RecipeError("stages", "is empty; list at least one stage, or remove the key to train in one stage")
+    stages: list[ResolvedStage] = []
+    for i, section in enumerate(recipe.stages):
+        key = f"stages[{i}]"
+        if section.name in {s.name for s in stages}:
+            raise RecipeError(f"{key}.name", f"{section.name!r} is taken by an earlier stage; rename one of them")
+        if not section.trainable:
+            raise RecipeError(
+                f"{key}.trainable", "is empty; list glob patterns of the parameters to train, e.g. ['*'] for all"
+            )
+        stage_sleep = sleep_config({**recipe.sleep, **section.sleep}, default_window, f"{key}.sleep")
+        _check_blocks(stage_sleep, num_blocks, f"{key}.sleep")
+        start = stages[-1].stop if stages else 0
+        stop = start + section.max_steps
+        stages.append(ResolvedStage(section.name, start, stop, tuple(section.trainable), stage_sleep))
+    total = stages[-1].stop
+    if recipe.train.max_steps != total:
+        lengths = " + ".join(str(s.stop - s.start) for s in stages)
+        raise RecipeError(
+            "train.max_steps",
+            f"is {recipe.train.max_steps}, but the stages take {lengths} = {total} steps; set train.max_steps: {total} "
+            "(or change the stages' max_steps)",
+        )
+    return tuple(stages)
 
 
 def _task(name: str, options: dict[str, Any], key: str) -> Task:
@@ -100,6 +185,7 @@ def _model_config(recipe: Recipe, vocab: int) -> PreTrainedConfig:
             raise RecipeError(
                 "model.pretrained", f"cannot load the config of {section.pretrained!r}: {first}"
             ) from None
+        config = _with_overrides(config, section.config_overrides)
         if config.vocab_size < vocab:
             raise RecipeError(
                 "model.pretrained",
@@ -107,13 +193,18 @@ def _model_config(recipe: Recipe, vocab: int) -> PreTrainedConfig:
                 "give the task the model's tokenizer (task.options.tokenizer)",
             )
         return config
+    if section.config_overrides:
+        raise RecipeError(
+            "model.config_overrides",
+            "only changes a checkpoint's config (model.pretrained); with model.config, put these keys in model.config",
+        )
     values = dict(section.config or {})
     model_type = values.pop("model_type", DEFAULT_MODEL_TYPE)
     try:
         config_class = AutoConfig.for_model(model_type).__class__
     except ValueError:
         raise RecipeError("model.config.model_type", f"unknown model type {model_type!r}") from None
-    values = _typed_config_values(config_class, values)
+    values = _typed_config_values(config_class, values, "model.config")
     values.setdefault("vocab_size", vocab)
     try:
         config = config_class(**values)
@@ -130,8 +221,30 @@ def _model_config(recipe: Recipe, vocab: int) -> PreTrainedConfig:
     return config
 
 
-def _typed_config_values(config_class: type[PreTrainedConfig], values: dict[str, Any]) -> dict[str, Any]:
-    """Check the keys and value types of a config dict against the config class's fields."""
+def _with_overrides(config: PreTrainedConfig, overrides: dict[str, Any]) -> PreTrainedConfig:
+    """A copy of a checkpoint's config with `model.config_overrides` set and the result validated."""
+    if "sleep_config" in overrides:
+        raise RecipeError(
+            "model.config_overrides.sleep_config", "the sleep schedule is the recipe's sleep: section; set it there"
+        )
+    values = _typed_config_values(type(config), overrides, "model.config_overrides")
+    config = copy.deepcopy(config)
+    for key, value in values.items():
+        setattr(config, key, value)
+    validate = getattr(config, "validate", None)
+    try:
+        if callable(validate):
+            validate()
+    except (TypeError, ValueError, StrictDataclassError) as exc:
+        message = re.sub(r"^\w+Error: ", "", str(exc).strip().splitlines()[-1].strip())
+        named = [key for key in values if key in message]
+        key = f"model.config_overrides.{named[0]}" if len(named) == 1 else "model.config_overrides"
+        raise RecipeError(key, message) from None
+    return config
+
+
+def _typed_config_values(config_class: type[PreTrainedConfig], values: dict[str, Any], key: str) -> dict[str, Any]:
+    """Check the keys and value types of a config dict (the recipe's `key` section) against the config class."""
     if not is_dataclass(config_class):
         return values
     try:
@@ -140,12 +253,12 @@ def _typed_config_values(config_class: type[PreTrainedConfig], values: dict[str,
         hints = {}
     known = {f.name for f in fields(config_class)}
     out = {}
-    for key, value in values.items():
-        if key not in known:
-            raise RecipeError(f"model.config.{key}", f"unknown key for {config_class.__name__}")
+    for name, value in values.items():
+        if name not in known:
+            raise RecipeError(f"{key}.{name}", f"unknown key for {config_class.__name__}")
         try:
-            out[key] = TypeAdapter(hints[key]).validate_python(value) if key in hints else value
+            out[name] = TypeAdapter(hints[name]).validate_python(value) if name in hints else value
         except ValidationError as exc:
             message = exc.errors()[0]["msg"]
-            raise RecipeError(f"model.config.{key}", f"{message} (got {value!r})") from None
+            raise RecipeError(f"{key}.{name}", f"{message} (got {value!r})") from None
     return out

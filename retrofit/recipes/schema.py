@@ -4,13 +4,14 @@ A recipe is one YAML file per run (see `recipes/`). Sections:
 
 - `task`: which generator makes the data (`retrofit.tasks.get_task(name, **options)`);
 - `model`: a from-scratch config (`model.config`, a dict for the family's config class) or a checkpoint
-  (`model.pretrained`, a local path or Hub id);
+  (`model.pretrained`, a local path or Hub id, with `model.config_overrides` changing fields of its config);
 - `sleep`: the fields of `retrofit.SleepConfig` (checked by `SleepConfig` itself; `window` defaults to the task's);
 - `train`: steps, batch sizes, precision, checkpoints and logging;
 - `optimizer`: Muon for the blocks' matrices plus AdamW for the rest, or AdamW alone, with the LR schedule;
 - `eval`: the evaluation by difficulty bucket;
 - `adapter`: LoRA (`adapter: lora`, or a mapping with `type: lora` and its options; see `retrofit.lora`);
-- `launch`, `stages`: reserved for multi-GPU launch configs and staged training.
+- `stages`: staged training; each stage has a length, the parameters it trains and its changes to `sleep`;
+- `launch`: how `retrofit train` starts the run (`single_gpu`, `multi_gpu`, `zero2`, `zero3`; see `retrofit.launch`).
 
 The checks that need a task or a model (task options, sleep fields, loop range against the block count) live in
 `retrofit.recipes.resolve`; this module only checks shapes and types.
@@ -20,7 +21,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from retrofit.tasks import TASKS
 
@@ -46,11 +56,16 @@ class TaskSection(Section):
 
 
 class ModelSection(Section):
-    """Exactly one of `config` (build from scratch) and `pretrained` (load a checkpoint)."""
+    """Exactly one of `config` (build from scratch) and `pretrained` (load a checkpoint).
+
+    `config_overrides` changes fields of a checkpoint's config (e.g. Ouro's `jet_mixer_layers`, where the retrofit
+    inserts its mixers); `retrofit.training.pretrained.load_pretrained` says when each one applies.
+    """
 
     config: dict[str, Any] | None = None
     pretrained: str | None = None
     revision: str | None = None
+    config_overrides: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSection:
@@ -131,15 +146,35 @@ class EvalSection(Section):
     )
 
 
-class LaunchSection(Section):
-    """Reserved: the accelerate / DeepSpeed config a multi-GPU launch uses (names under recipes/)."""
+LaunchMode = Literal["single_gpu", "multi_gpu", "zero2", "zero3"]
 
-    accelerate_config: str | None = None
-    deepspeed_config: str | None = None
+
+class LaunchSection(Section):
+    """How `retrofit train` starts the run: `launch: zero3`, or `launch: {mode: zero3, num_processes: 8}`.
+
+    Modes: `single_gpu` (one process), `multi_gpu` (DDP), `zero2` and `zero3` (DeepSpeed ZeRO stage 2 or 3).
+    `num_processes` defaults to the number of visible GPUs (1 for `single_gpu`). `retrofit.launch` holds the
+    configs of each mode and the rules that tie a mode to the rest of the recipe.
+    """
+
+    mode: LaunchMode
+    num_processes: PositiveInt | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"mode": data} if isinstance(data, str) else data
+
+    @field_validator("num_processes")
+    @classmethod
+    def _one_process_on_one_gpu(cls, num_processes: int | None, info: ValidationInfo) -> int | None:
+        if info.data.get("mode") == "single_gpu" and num_processes not in (None, 1):
+            raise ValueError("single_gpu runs one process; use mode multi_gpu, zero2 or zero3 for more")
+        return num_processes
 
 
 class AdapterSection(Section):
-    """LoRA through PEFT (`retrofit.lora.apply_lora`); `adapter: lora` alone takes every default.
+    """LoRA through PEFT (`retrofit.lora.apply_lora`) on a `model.pretrained`; `adapter: lora` takes every default.
 
     `target_modules: null` targets the attention and linear-mixer projections (`retrofit.lora.DEFAULT_TARGETS`);
     `modules_to_save: null` fully trains the modules the retrofit inserted (Ouro's Jet mixers).
@@ -159,7 +194,13 @@ class AdapterSection(Section):
 
 
 class StageSection(Section):
-    """Reserved: one stage of staged training (e.g. warm up new layers with hard eviction first)."""
+    """One stage of staged training (e.g. warm up the inserted layers with hard eviction first).
+
+    Stages run in order for `max_steps` optimizer steps each (`train.max_steps` must be their sum). `trainable` lists
+    shell-style glob patterns over parameter names (`*` matches dots too; `["*"]` is every parameter); the others
+    are frozen for the stage. With an `adapter`, a stage chooses among the parameters the adapter trains (its LoRA
+    weights and `modules_to_save`). `sleep` holds `SleepConfig` fields merged over the recipe's top-level `sleep`.
+    """
 
     name: str
     max_steps: PositiveInt
@@ -179,7 +220,7 @@ class Recipe(Section):
     train: TrainSection
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
     eval: EvalSection = Field(default_factory=EvalSection)
-    launch: LaunchSection = Field(default_factory=LaunchSection)
+    launch: LaunchSection | None = None
     adapter: AdapterSection | None = None
     stages: list[StageSection] | None = None
 

@@ -1,23 +1,32 @@
-"""Build a run's model (from scratch or from a checkpoint), retrofit sleep onto it, and describe it."""
+"""Build a run's model (from scratch or from a checkpoint), retrofit sleep onto it, add its adapter, describe it."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from retrofit.apply import apply_sleep
 from retrofit.config import SleepConfig, SleepConfigError
+from retrofit.lora import LoraTargetError, apply_adapter
 from retrofit.optim import split_parameters
 from retrofit.recipes import RecipeError, ResolvedRecipe
+from retrofit.training.pretrained import load_pretrained
 
 
-def build_model(resolved: ResolvedRecipe) -> PreTrainedModel:
-    """The recipe's model in float32 with sleep applied. Seed the RNGs first: from-scratch weights are random."""
+def build_model(resolved: ResolvedRecipe) -> nn.Module:
+    """The recipe's model in float32 with sleep applied, wrapped in its adapter if it has one.
+
+    Seed the RNGs first: from-scratch weights (and new modules such as Ouro's mixers) are random.
+    """
     section = resolved.recipe.model
     if section.pretrained is not None:
-        model = AutoModelForCausalLM.from_pretrained(section.pretrained, revision=section.revision)
+        model = load_pretrained(
+            section.pretrained, revision=section.revision, overrides=resolved.config_overrides, dtype=torch.float32
+        )
     else:
         model = AutoModelForCausalLM.from_config(resolved.model_config)
     try:
@@ -26,7 +35,26 @@ def build_model(resolved: ResolvedRecipe) -> PreTrainedModel:
         raise RecipeError("sleep", str(exc).removeprefix("sleep_config")) from None
     except TypeError as exc:
         raise RecipeError("model", str(exc)) from None
-    return model
+    except ValueError as exc:  # a family's retrofit refused its config, e.g. mixers moved from where they were saved
+        if not section.config_overrides:
+            raise
+        raise RecipeError("model.config_overrides", str(exc)) from None
+    # `checkpointing: pass` recomputes a pass in backward only if one of its inputs requires a gradient (the
+    # reentrant scheme): with a frozen embedding (an adapter, or a stage) none would, and nothing upstream would train.
+    model.enable_input_require_grads()
+    return _with_adapter(model, resolved)
+
+
+def _with_adapter(model: PreTrainedModel, resolved: ResolvedRecipe) -> nn.Module:
+    """`model` wrapped in the recipe's adapter (unchanged without one), recording the base's revision for loading."""
+    section = resolved.recipe.adapter
+    try:
+        wrapped = apply_adapter(model, section)
+    except LoraTargetError as exc:
+        raise RecipeError("adapter.target_modules", str(exc)) from None
+    if section is not None:
+        wrapped.peft_config["default"].revision = resolved.recipe.model.revision
+    return wrapped
 
 
 @dataclass(frozen=True)
@@ -39,7 +67,7 @@ class ModelSummary:
     blocks: int
 
     @classmethod
-    def of(cls, model: PreTrainedModel) -> ModelSummary:
+    def of(cls, model: nn.Module) -> ModelSummary:
         matrices, _ = split_parameters(model)
         return cls(
             parameters=sum(p.numel() for p in model.parameters()),

@@ -1,7 +1,9 @@
 """Atomic checkpoints: written to a temporary folder, then renamed; the last K are kept.
 
 A checkpoint `OUTPUT_DIR/checkpoints/step_000100/` holds:
-- `model/`: the model in Hugging Face format (`from_pretrained` loads it, sleep config included);
+- `model/`: the model in Hugging Face format (`from_pretrained` loads it, sleep config included), or for a run with
+  an adapter the adapter folder (`retrofit.lora.save_adapter`; its frozen base is rebuilt from the checkpoint it
+  names, so only the trained weights are stored);
 - Accelerate's state: optimizer, LR scheduler and the RNG states of every process;
 - `trainer_state.json` (the step; the data position is a function of it) and `recipe.yaml`.
 
@@ -16,14 +18,22 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
 from accelerate import Accelerator
+from peft import PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from retrofit.lora import ADAPTER_WEIGHTS_FILE, is_adapter_dir, load_adapter, save_adapter
+from retrofit.training.distributed import gather_state_dict
+
 CHECKPOINTS = "checkpoints"
 MODEL_DIR = "model"
+ADAPTER_DIR = "adapter"
 STATE_FILE = "trainer_state.json"
 RECIPE_FILE = "recipe.yaml"
 _PREFIX, _TMP = "step_", ".tmp-"
@@ -50,29 +60,57 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix(_PREFIX)))
 
 
-def register_model_hooks(accelerator: Accelerator) -> None:
-    """Make `save_state`/`load_state` store the model with `save_pretrained` in `model/` (loadable by users)."""
+def register_model_hooks(accelerator: Accelerator, config_overrides: dict[str, Any] | None = None) -> None:
+    """Make `save_state`/`load_state` store the model in `model/` as users load it (`save_model_files`)."""
 
     def save_model(models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
+        state_dict = gather_state_dict(accelerator, models[0])  # on every process: a collective under ZeRO-3
         if accelerator.is_main_process:
-            save_pretrained_quietly(accelerator.unwrap_model(models[0]), Path(output_dir) / MODEL_DIR)
+            model = accelerator.unwrap_model(models[0])
+            save_model_files(model, Path(output_dir) / MODEL_DIR, config_overrides, state_dict)
         weights.clear()
 
     def load_model(models: list[nn.Module], input_dir: str) -> None:
+        if not models:  # DeepSpeed: the engine restored the weights from its own checkpoint files
+            return
         model = accelerator.unwrap_model(models.pop())
-        saved = AutoModelForCausalLM.from_pretrained(Path(input_dir) / MODEL_DIR, dtype=model.dtype)
+        directory = Path(input_dir) / MODEL_DIR
+        if isinstance(model, PeftModel):
+            result = set_peft_model_state_dict(model, load_file(directory / ADAPTER_WEIGHTS_FILE))
+            if result.unexpected_keys:
+                raise ValueError(f"{directory}: {result.unexpected_keys[0]} is not a weight of this run's adapter")
+            return
+        saved = AutoModelForCausalLM.from_pretrained(directory, dtype=model.dtype)
         model.load_state_dict(saved.state_dict())
 
     accelerator.register_save_state_pre_hook(save_model)
     accelerator.register_load_state_pre_hook(load_model)
 
 
-def save_pretrained_quietly(model: PreTrainedModel, directory: Path) -> None:
+def save_model_files(
+    model: nn.Module,
+    directory: Path,
+    config_overrides: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """The model as users load it: a PEFT model as its adapter folder, any other with `save_pretrained`.
+
+    `state_dict` replaces the model's own weights where those are shards (DeepSpeed ZeRO-3; `gather_state_dict`).
+    """
+    if isinstance(model, PeftModel):
+        save_adapter(model, directory, config_overrides, state_dict)
+    else:
+        save_pretrained_quietly(model, directory, state_dict)
+
+
+def save_pretrained_quietly(
+    model: PreTrainedModel, directory: Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
     """`save_pretrained` without transformers' per-shard progress bar, which would break the training bar."""
     enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model.save_pretrained(directory)
+        model.save_pretrained(directory, state_dict=state_dict)
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
@@ -114,6 +152,11 @@ def is_checkpoint(path: Path) -> bool:
     return (path / STATE_FILE).is_file() and (path / MODEL_DIR).is_dir()
 
 
+def _is_model_dir(path: Path) -> bool:
+    """A folder `load_model` reads: a saved model (config.json) or an adapter (adapter_config.json)."""
+    return (path / "config.json").is_file() or is_adapter_dir(path)
+
+
 @dataclass(frozen=True)
 class SavedModel:
     """Where `retrofit eval` finds a model, the recipe it was trained with, and its training step."""
@@ -124,18 +167,22 @@ class SavedModel:
 
 
 def locate_saved_model(path: Path) -> SavedModel:
-    """Resolve a run directory (its final `model/`, else its latest checkpoint), a checkpoint or a model folder.
+    """Resolve a run directory (its final `model/` or `adapter/`, else its latest checkpoint), a checkpoint, a model
+    folder or an adapter folder.
 
     The recipe is the `recipe.yaml` in `path` or up to two folders above it; the step is the checkpoint's, or the
     run's latest checkpoint's for a final model. Raises `FileNotFoundError` saying what is missing.
     """
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; give a run directory, a checkpoint or a model folder")
-    model = path / MODEL_DIR if (path / MODEL_DIR / "config.json").is_file() else path
-    if not (model / "config.json").is_file():
+    model = next((path / d for d in (MODEL_DIR, ADAPTER_DIR) if _is_model_dir(path / d)), path)
+    if not _is_model_dir(model):
         checkpoints = list_checkpoints(path)
         if not checkpoints:
-            raise FileNotFoundError(f"{path} holds no model: no config.json, {MODEL_DIR}/ folder or checkpoint")
+            raise FileNotFoundError(
+                f"{path} holds no model: no config.json, adapter_config.json, {MODEL_DIR}/ or {ADAPTER_DIR}/ folder "
+                "or checkpoint"
+            )
         model = checkpoints[-1]
     recipe = next((p / RECIPE_FILE for p in (path, *path.parents[:2]) if (p / RECIPE_FILE).is_file()), None)
     if recipe is None:
@@ -146,9 +193,13 @@ def locate_saved_model(path: Path) -> SavedModel:
     return SavedModel(model, recipe, step)
 
 
-def load_model(path: Path) -> PreTrainedModel:
-    """The model of a checkpoint or a final `model/` folder (anything `from_pretrained` reads)."""
-    return AutoModelForCausalLM.from_pretrained(path / MODEL_DIR if is_checkpoint(path) else path)
+def load_model(path: Path) -> nn.Module:
+    """The model of a checkpoint, a final `model/` folder (anything `from_pretrained` reads) or an adapter folder
+    (on its base, rebuilt by `retrofit.lora.load_adapter` in float32 as the trainer trained on it)."""
+    folder = path / MODEL_DIR if is_checkpoint(path) else path
+    if is_adapter_dir(folder):
+        return load_adapter(folder, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(folder)
 
 
 def _fsync_tree(root: Path) -> None:

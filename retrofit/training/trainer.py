@@ -1,9 +1,10 @@
 """The trainer: one recipe in, a trained model, checkpoints, logs and an evaluation out.
 
-Read `train` from top to bottom: set up (accelerator, model, optimizer, data, resume), then each step draws its
-global batch from (seed, step), runs forward/backward per micro-batch (gradients accumulate; DDP syncs on the last
-one), checks the loss and gradient norm are finite, clips, steps optimizer and LR schedule, logs, and now and then
-checkpoints and evaluates. At the end it saves the model, evaluates, writes the report and prints the table.
+Read `train` from top to bottom: set up (accelerator, model, optimizer, data, resume), then each step enters its
+stage when it starts one (`retrofit.training.stages`: what trains, how the model sleeps), draws its global batch
+from (seed, step), runs forward/backward per micro-batch (gradients accumulate; DDP syncs on the last one), checks
+the loss and gradient norm are finite, clips, steps optimizer and LR schedule, logs, and now and then checkpoints
+and evaluates. At the end it saves the model (or its adapter), evaluates, writes the report and prints the table.
 
 Runs on Accelerate: `accelerate launch -m retrofit train RECIPE.yaml` spreads it over processes, and mixed
 precision is bf16 on GPU, fp32 on CPU (`train.precision: auto`).
@@ -15,20 +16,21 @@ import json
 import math
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from peft import PeftModel
 from tqdm.auto import tqdm
 
 from retrofit.evaluation import EvalResult, evaluate, format_table, load_eval_set, load_result, write_report
 from retrofit.optim import build_optimizer, build_scheduler
-from retrofit.recipes import LoadedRecipe, Recipe, RecipeError, ResolvedRecipe, dump_recipe, resolve
+from retrofit.recipes import LoadedRecipe, Recipe, RecipeError, ResolvedRecipe, ResolvedStage, dump_recipe, resolve
 from retrofit.training.build import ModelSummary, build_model, describe_passes
 from retrofit.training.checkpoint import (
+    ADAPTER_DIR,
     CHECKPOINTS,
     MODEL_DIR,
     RECIPE_FILE,
@@ -38,9 +40,17 @@ from retrofit.training.checkpoint import (
     load_checkpoint,
     register_model_hooks,
     save_checkpoint,
-    save_pretrained_quietly,
+    save_model_files,
 )
 from retrofit.training.data import micro_batch, micro_batch_indices
+from retrofit.training.distributed import (
+    align_sleep_plan,
+    configure_distributed,
+    gather_state_dict,
+    micro_step,
+    zero_stage,
+)
+from retrofit.training.stages import check_trainable, describe_stage, enter_stage, stage_at, trainable_names
 
 EVAL_DIR = "eval"
 
@@ -50,7 +60,11 @@ class TrainingDiverged(RuntimeError):
 
 
 def make_accelerator(recipe: Recipe, *, trackers: bool) -> Accelerator:
-    """bf16 autocast on GPU (or when asked), fp32 on CPU; trackers write under the output dir."""
+    """bf16 autocast on GPU (or when asked), fp32 on CPU; trackers write under the output dir.
+
+    With stages, DDP is told that some parameters get no gradient: it wraps the model once, with every parameter
+    any stage trains, and a stage freezes some of them.
+    """
     precision = recipe.train.precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "fp32"
@@ -58,6 +72,7 @@ def make_accelerator(recipe: Recipe, *, trackers: bool) -> Accelerator:
         mixed_precision="bf16" if precision == "bf16" else "no",
         log_with=recipe.train.log_with if trackers else None,
         project_dir=recipe.output_dir,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=recipe.stages is not None)],
     )
 
 
@@ -110,17 +125,22 @@ def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = 
 
     # ---- set up: accelerator, model, optimizer, schedule, resume
     accelerator = make_accelerator(recipe, trackers=True)
+    configure_distributed(accelerator, recipe)  # refuses what this launch cannot run; fills DeepSpeed's "auto"s
     accum = accumulation_steps(recipe, accelerator.num_processes)
     if overwrite and resume_from is None and accelerator.is_main_process:
         shutil.rmtree(output_dir / CHECKPOINTS, ignore_errors=True)
     accelerator.wait_for_everyone()
     set_seed(recipe.seed)
     model = build_model(resolved)
+    candidates = trainable_names(model)  # what the stages choose from; the optimizer holds all of it
+    check_trainable(model, resolved.stages, candidates)
+    if zero_stage(accelerator) is not None:  # ZeRO fixes what trains when its engine is built
+        enter_stage(model, resolved.stages[0], candidates)
     optimizer = build_optimizer(model, recipe.optimizer)
     scheduler = build_scheduler(optimizer, recipe.optimizer, train_cfg.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # stepped once per optimizer step, not per process
-    register_model_hooks(accelerator)
+    register_model_hooks(accelerator, resolved.config_overrides)
     state = TrainerState(step=0, tokens_seen=0)
     if resume_from is not None:
         state = load_checkpoint(accelerator, resume_from)
@@ -148,12 +168,24 @@ def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = 
         _log_eval(accelerator, result, output_dir)
         return result
 
-    progress = tqdm(
-        total=train_cfg.max_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process
-    )
+    progress = tqdm(total=train_cfg.max_steps, initial=state.step, disable=not accelerator.is_main_process)
+
+    def enter(new_stage: ResolvedStage) -> ResolvedStage:
+        """Make the model train and sleep as `new_stage` says, and tell the user."""
+        unwrapped = accelerator.unwrap_model(model)
+        enter_stage(unwrapped, new_stage, candidates)
+        progress.set_description(new_stage.name)
+        if len(resolved.stages) > 1 and accelerator.is_main_process:
+            progress.write(describe_stage(resolved.stages, new_stage, unwrapped))
+        return new_stage
+
+    stage = enter(stage_at(resolved.stages, state.step))
     model.train()
     window_start, window_tokens = time.perf_counter(), 0
     for step in range(state.step, train_cfg.max_steps):
+        if stage_at(resolved.stages, step) is not stage:
+            stage = enter(stage_at(resolved.stages, step))
+
         # ---- forward/backward over the micro-batches of this step's global batch
         loss_sum = torch.zeros((), device=accelerator.device)
         tokens = 0
@@ -161,17 +193,16 @@ def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = 
             indices = micro_batch_indices(micro, rank, world, recipe.micro_batch_size)
             batch = micro_batch(task, recipe.seed, step, indices, pad_id)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            sync = nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
-            with sync:
-                loss = model(**batch).loss / accum
-                accelerator.backward(loss)
-            loss_sum += loss.detach()
+            batch = align_sleep_plan(accelerator, batch, stage.sleep.window, pad_id)  # ZeRO-3: same calls everywhere
+            loss_sum += micro_step(accelerator, model, batch, micro=micro, accum=accum)
             tokens += int(batch["attention_mask"].sum())
 
         # ---- watchdog, clip, step
         loss_value = accelerator.reduce(loss_sum, reduction="mean").item()
-        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), recipe.optimizer.grad_clip or math.inf))
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+        # DeepSpeed clips (and steps) inside the last backward and reports the norm it saw, if any.
+        norm = accelerator.clip_grad_norm_(model.parameters(), recipe.optimizer.grad_clip or math.inf)
+        grad_norm = math.nan if norm is None else float(norm)
+        if not math.isfinite(loss_value) or (norm is not None and not math.isfinite(grad_norm)):
             progress.close()
             accelerator.end_training()
             kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved"
@@ -200,6 +231,7 @@ def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = 
                     "train/grad_norm": grad_norm,
                     "train/tokens_per_s": tokens_per_s,
                     "train/tokens_seen": state.tokens_seen,
+                    "train/stage": resolved.stages.index(stage) + 1,
                 },
                 step=state.step,
             )
@@ -216,12 +248,15 @@ def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = 
     if last_checkpoint != checkpoint_dir(output_dir, state.step):
         save_checkpoint(accelerator, output_dir, state, recipe_yaml, train_cfg.keep_checkpoints)
     result = evaluate_and_log()
+    state_dict = gather_state_dict(accelerator, model)  # on every process: a collective under ZeRO-3
     if accelerator.is_main_process:
-        save_pretrained_quietly(accelerator.unwrap_model(model), output_dir / MODEL_DIR)
-        task.tokenizer.save_pretrained(output_dir / MODEL_DIR)
+        final = accelerator.unwrap_model(model)
+        folder = ADAPTER_DIR if isinstance(final, PeftModel) else MODEL_DIR
+        save_model_files(final, output_dir / folder, resolved.config_overrides, state_dict)
+        task.tokenizer.save_pretrained(output_dir / folder)
         write_report(result, output_dir, history)
         accelerator.print(format_table(result))
-        accelerator.print(f"wrote {output_dir}/{{results.json, results.md, results.png, {MODEL_DIR}/}}")
+        accelerator.print(f"wrote {output_dir}/{{results.json, results.md, results.png, {folder}/}}")
     accelerator.end_training()
     return result
 
@@ -237,12 +272,12 @@ class DryRunReport:
     loss: float
     device: str
     precision: str
+    stages: tuple[str, ...] = ()  # one line per stage of a recipe with `stages:`
 
 
 def dry_run(loaded: LoadedRecipe, examples: int = 2) -> DryRunReport:
-    """Build model, training and eval data, apply sleep, and take one optimizer step on `examples` examples.
-
-    Writes nothing.
+    """Build model, training and eval data, apply sleep, and take one optimizer step on `examples` examples in each
+    stage (its sleep config and trainable parameters applied). Writes nothing.
     """
     recipe = loaded.recipe
     resolved = resolve(recipe)
@@ -251,26 +286,38 @@ def dry_run(loaded: LoadedRecipe, examples: int = 2) -> DryRunReport:
     set_seed(recipe.seed)
     model = build_model(resolved)
     summary = ModelSummary.of(model)
+    candidates = trainable_names(model)
+    check_trainable(model, resolved.stages, candidates)
     optimizer = build_optimizer(model, recipe.optimizer)
     scheduler = build_scheduler(optimizer, recipe.optimizer, recipe.train.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     load_eval_set(recipe.eval, resolved.eval_task)
     batch = micro_batch(resolved.task, recipe.seed, 0, range(examples), resolved.task.tokenizer.pad_token_id)
-    loss = model(**{k: v.to(accelerator.device) for k, v in batch.items()}).loss
-    accelerator.backward(loss)
-    accelerator.clip_grad_norm_(model.parameters(), recipe.optimizer.grad_clip or math.inf)
-    optimizer.step()
-    scheduler.step()
-    if not math.isfinite(loss.item()):
-        raise TrainingDiverged(f"the dry-run loss is {loss.item()}: the model or its initialisation is broken")
+    losses, stage_lines = [], []
+    for stage in resolved.stages:
+        unwrapped = accelerator.unwrap_model(model)
+        enter_stage(unwrapped, stage, candidates)
+        loss = model(**{k: v.to(accelerator.device) for k, v in batch.items()}).loss
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), recipe.optimizer.grad_clip or math.inf)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(loss.item()):
+            raise TrainingDiverged(
+                f"the dry-run loss of stage {stage.name!r} is {loss.item()}: the model or its initialisation is broken"
+            )
+        losses.append(loss.item())
+        stage_lines.append(f"{describe_stage(resolved.stages, stage, unwrapped)}; one step: loss {loss.item():.4f}")
     return DryRunReport(
         summary=summary,
         tokens_per_step=recipe.train.batch_size * resolved.task.seq_len,
         accumulation_steps=accum,
         passes=describe_passes(resolved.sleep, resolved.task.seq_len),
-        loss=loss.item(),
+        loss=losses[0],
         device=str(accelerator.device),
         precision=accelerator.mixed_precision,
+        stages=tuple(stage_lines) if recipe.stages is not None else (),
     )
 
 

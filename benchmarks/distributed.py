@@ -1,0 +1,472 @@
+"""Distributed training on 2 GPUs: single GPU, DDP, ZeRO-2 and ZeRO-3 checked against each other in one call.
+
+Run from the repository root on a 2-GPU machine prepared with the GPU kit (it has DeepSpeed):
+
+    source .gpu/setup.sh && PYTHONPATH=. OUT=/tmp/out python -m benchmarks.distributed
+    python -m benchmarks.distributed --dry-run --out /tmp/plan   # recipes, DeepSpeed configs and commands only
+
+Models: a tiny random Jet-Nemotron (the config of `recipes/jet-nemotron-tiny.yaml`) and the Jet-Nemotron-2B shape
+(`benchmarks/configs/jet-nemotron-2b.json`, random init, 1.96B parameters), both trained 20 steps on Rule 110
+(T=101, L=24: 5 chunks, N=2 sleep passes, `context_only`). Every Rule 110 example has the same length and label
+positions, so every process runs the same sleep plan, which ZeRO-3 needs (`retrofit.training.distributed`). All
+runs share the seed and the global batch (tiny 8, 2B 16) and differ only in how the work is spread: one process
+accumulates 4 micro-batches, two processes 2 each. AdamW (Muon is refused under ZeRO), bf16.
+
+Each run is `accelerate launch` (the command `retrofit.launch` builds) of `benchmarks.distributed_worker`, which is
+`retrofit train` recording per-step metrics and peak memory; each in its own process group under a timeout. A run
+that fails or times out is recorded with its log's tail and the others go on. Order:
+1. the single-GPU references of both models at once (tiny on GPU 0, 2B on GPU 1);
+2. tiny on 2 GPUs: DDP, ZeRO-2, ZeRO-3 (checkpoints at steps 10 and 20);
+3. 2B on 2 GPUs: ZeRO-3, ZeRO-2, DDP (their checkpoints are deleted after the run, to spare disk);
+4. tiny ZeRO-3 checks: resumed from the step-10 checkpoint; a frozen base (one stage training only the Jet mixers
+   of the looped blocks, with weight decay, so a frozen weight that DeepSpeed still steps would move); the sleep
+   blocks as ZeRO-3 leaf modules (DeepSpeed's `zero_optimization.leaf_module`);
+5. reload: every run's `model/` folder through `from_pretrained`, and its loss on a fixed batch.
+Runs that would not fit in what is left of `--budget-s` are skipped (recorded as such); rerun with `--only`.
+
+Pass criteria, bf16 (`--tol-first`, `--tol-all`): per-step loss relative to the single-GPU run's at most 1e-2 at
+step 1 and 5e-2 at every step. DDP autocasts from fp32 weights like the reference, so it differs by reduction order
+only; DeepSpeed runs the forward on bf16 weights (2^-8 = 4e-3 relative rounding per weight) and 20 AdamW steps
+carry early differences along. The resumed run's steps 11-20 must match the original's within 1e-3 relative. The
+frozen run's frozen weights must be bitwise equal at steps 10 and 20 and its trainable ones must change. Reload:
+no missing or unexpected keys, loss within `--tol-all` of the single-GPU model's.
+
+Output under `--out` (default `$OUT`): `distributed.json` and `distributed.md` (rewritten after every run, so a
+killed call keeps what finished), `logs/RUN.log`, and `runs/RUN/` (recipe, DeepSpeed config, metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fnmatch
+import json
+import os
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 20
+RESUME_STEP = 10
+FROZEN_PATTERNS = ["model.layers.2.self_attn.*", "model.layers.4.self_attn.*", "model.layers.5.self_attn.*"]
+TWO_GPU_MODES = ("multi_gpu", "zero2", "zero3")
+
+
+@dataclass
+class Run:
+    """One `accelerate launch` of the worker."""
+
+    name: str  # e.g. "tiny/zero3"; also its folder under runs/ (with "/" as "-")
+    model: str  # "tiny" or "2b"
+    mode: str  # launch mode
+    processes: int
+    recipe: dict[str, Any]
+    extra: list[str] = field(default_factory=list)  # more `retrofit train` arguments
+    gpus: str | None = None  # CUDA_VISIBLE_DEVICES, when it must differ from all
+    leaves: bool = False  # sleep blocks as ZeRO-3 leaf modules
+    reference: str | None = None  # the run its losses are compared with
+    from_step: int = 1  # first step compared
+    tolerance_all: float | None = None  # overrides --tol-all (resume: 1e-3)
+    min_seconds: float = 60  # skipped when less time is left
+
+
+def model_config(model: str) -> dict[str, Any]:
+    """`model.config` of a bench recipe: the tiny Jet-Nemotron recipe's, or the 2B config.json's architecture keys."""
+    if model == "tiny":
+        return yaml.safe_load((REPO / "recipes" / "jet-nemotron-tiny.yaml").read_text())["model"]["config"]
+    from transformers import AutoConfig
+
+    import retrofit  # noqa: F401  (registers jet_nemotron with AutoConfig)
+
+    published = json.loads((REPO / "benchmarks" / "configs" / "jet-nemotron-2b.json").read_text())
+    known = {f.name for f in dataclasses.fields(type(AutoConfig.for_model("jet_nemotron")))}
+    return {k: v for k, v in published.items() if k in known or k == "model_type"}
+
+
+def bench_recipe(model: str, mode: str, processes: int, output_dir: Path, checkpoint_every: int) -> dict[str, Any]:
+    """The recipe of one run: Rule 110, N=2, AdamW, bf16, 20 steps, a metric per step."""
+    batch, micro = (8, 2) if model == "tiny" else (16, 4)
+    return {
+        "description": f"benchmarks.distributed: {model} Jet-Nemotron, {mode}",
+        "output_dir": str(output_dir),
+        "seed": 0,
+        "task": {"name": "rule110", "options": {"steps_choices": [1, 2]}},
+        "model": {"config": model_config(model)},
+        "sleep": {"window": 24, "passes": 2, "eviction": "hard", "sleep_on": "context_only"},
+        "optimizer": {
+            "name": "adamw",
+            "adamw": {"lr": 3.0e-4, "weight_decay": 0.0},
+            "schedule": "constant",
+            "grad_clip": 1.0,
+        },
+        "train": {
+            "max_steps": STEPS,
+            "batch_size": batch,
+            "micro_batch_size": micro,
+            "precision": "bf16",
+            "checkpoint_every": checkpoint_every,
+            "keep_checkpoints": 2,
+            "log_every": 1,
+            "log_with": [],
+        },
+        "eval": {
+            "every_steps": 0,
+            "source": "generated",
+            "num_per_difficulty": 4,  # 3 buckets x 4: the same 6 examples per process on 2 GPUs
+            "batch_size": 4,
+            "task_options": {"steps_choices": [1, 2, 4]},
+        },
+        "launch": {"mode": mode, "num_processes": processes},
+    }
+
+
+def plan_runs(out: Path) -> list[Run]:
+    """Every run, in the order they go (see the module docstring)."""
+
+    def run(model: str, mode: str, variant: str = "", checkpoint_every: int = 0, **kwargs: Any) -> Run:
+        name = f"{model}/{mode}{variant}"
+        processes = 1 if mode == "single_gpu" else 2
+        output = run_dir(name, out) / "out"
+        reference = None if mode == "single_gpu" else f"{model}/single_gpu"
+        recipe = bench_recipe(model, mode, processes, output, checkpoint_every)
+        return Run(name, model, mode, processes, recipe, reference=reference, **kwargs)
+
+    big = {"min_seconds": 150}
+    runs = [
+        run("tiny", "single_gpu", checkpoint_every=RESUME_STEP, gpus="0"),
+        run("2b", "single_gpu", gpus="1", **big),
+        *(run("tiny", mode, checkpoint_every=RESUME_STEP) for mode in TWO_GPU_MODES),
+        *(run("2b", mode, **big) for mode in reversed(TWO_GPU_MODES)),
+    ]
+    original = out / "runs" / "tiny-zero3" / "out" / "checkpoints" / f"step_{RESUME_STEP:06d}"
+    resumed = run("tiny", "zero3", "_resume", extra=["--resume", str(original)], from_step=RESUME_STEP + 1)
+    resumed.reference, resumed.tolerance_all = "tiny/zero3", 1e-3
+    frozen = run("tiny", "zero3", "_frozen", checkpoint_every=RESUME_STEP)
+    frozen.recipe["stages"] = [{"name": "mixers", "max_steps": STEPS, "trainable": FROZEN_PATTERNS}]
+    frozen.recipe["optimizer"]["adamw"]["weight_decay"] = 0.1
+    frozen.reference = None
+    leaves = run("tiny", "zero3", "_leaf", leaves=True)
+    return [*runs, resumed, frozen, leaves]
+
+
+def prepare(run: Run, out: Path) -> tuple[list[str], dict[str, str]]:
+    """Write the run's recipe and DeepSpeed config; return its command and environment."""
+    from retrofit.launch import launch_command, plan_launch, write_deepspeed_config
+    from retrofit.recipes import load_recipe
+
+    folder = run_dir(run.name, out)
+    folder.mkdir(parents=True, exist_ok=True)
+    recipe_path = folder / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(run.recipe, sort_keys=False))
+    loaded = load_recipe(recipe_path)
+    plan = plan_launch(loaded.recipe, visible_gpus=run.processes)
+    if run.leaves:
+        plan.deepspeed_config["zero_optimization"]["leaf_module"] = {"classes": leaf_classes(loaded.recipe)}
+    write_deepspeed_config(plan)
+    command = launch_command(plan, ["-m", "benchmarks.distributed_worker", "train", str(recipe_path), *run.extra])
+    env = child_env(BENCH_RUN_DIR=str(folder), TRITON_CACHE_AUTOTUNING="1")  # later runs reuse the autotuning
+    if run.gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = run.gpus
+    return command, env
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment changes of a child: the repository first on PYTHONPATH (the GPU kit's packages stay after it)."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, "OMP_NUM_THREADS": "4", **extra}
+
+
+def leaf_classes(recipe: Any) -> list[str]:
+    """The sleep blocks' class names, from the recipe's model built on the CPU."""
+    from retrofit.recipes import resolve
+    from retrofit.training.build import build_model
+    from retrofit.training.distributed import sleep_block_class_names
+
+    return sleep_block_class_names(build_model(resolve(recipe)))
+
+
+def run_dir(name: str, out: Path) -> Path:
+    """The folder of run `name` (its recipe, DeepSpeed config, metrics, and `out/`, the run's output_dir)."""
+    return out / "runs" / name.replace("/", "-")
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """Start `command` in its own process group (so a timeout can stop all of it), output to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    handle = log.open("w")
+    handle.write("$ " + shlex.join(command) + "\n")
+    handle.flush()
+    return subprocess.Popen(
+        command, cwd=REPO, env={**os.environ, **env}, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def finish(proc: subprocess.Popen, deadline: float) -> tuple[str, int | None]:
+    """Wait for `proc` until `deadline` (monotonic); on time-out kill its process group."""
+    try:
+        code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        return ("ok" if code == 0 else "failed"), code
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return "timeout", None
+
+
+def collect(run: Run, out: Path, status: str, code: int | None, seconds: float, command: list[str]) -> dict:
+    """What one run left behind: status, per-step metrics, peak memory, the log's tail on failure."""
+    folder = run_dir(run.name, out)
+    metrics = folder / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    steps = {r["step"]: r for r in rows if "train/loss" in r}
+    memory = sorted((json.loads(p.read_text()) for p in folder.glob("memory_rank*.json")), key=lambda m: m["rank"])
+    speeds = [r["train/tokens_per_s"] for s, r in steps.items() if s >= 5 and "train/tokens_per_s" in r]
+    result = {
+        "run": run.name,
+        "model": run.model,
+        "mode": run.mode,
+        "processes": run.processes,
+        "status": status,
+        "returncode": code,
+        "wall_s": round(seconds, 1),
+        "command": shlex.join(command),
+        "losses": {int(s): r["train/loss"] for s, r in sorted(steps.items())},
+        "tokens_per_s": statistics.median(speeds) if speeds else None,
+        "peak_memory": memory,
+    }
+    if status != "ok":
+        log = out / "logs" / f"{folder.name}.log"
+        result["log_tail"] = log.read_text(errors="replace").splitlines()[-30:] if log.is_file() else []
+    return result
+
+
+def compare(result: dict, reference: dict | None, run: Run, tol_first: float, tol_all: float) -> dict | None:
+    """Per-step relative loss differences against the reference run, and whether they pass."""
+    if reference is None or not reference["losses"] or not result["losses"]:
+        return None
+    ref, got = reference["losses"], result["losses"]
+    steps = [s for s in sorted(got) if s >= run.from_step and s in ref]
+    if not steps:
+        return None
+    rel = {s: abs(got[s] - ref[s]) / max(abs(ref[s]), 1e-12) for s in steps}
+    tol_all = run.tolerance_all if run.tolerance_all is not None else tol_all
+    first = rel[steps[0]]
+    complete = len(steps) == STEPS - run.from_step + 1
+    return {
+        "reference": reference["run"],
+        "first_step": steps[0],
+        "rel_first": first,
+        "rel_max": max(rel.values()),
+        "tolerance_first": min(tol_first, tol_all),
+        "tolerance_all": tol_all,
+        "passed": complete and first <= min(tol_first, tol_all) and max(rel.values()) <= tol_all,
+    }
+
+
+def frozen_check(run: Run, out: Path) -> dict:
+    """Frozen weights equal between the step-10 checkpoint and the final model; trainable ones changed."""
+    from safetensors.torch import load_file
+
+    folder = run_dir(run.name, out) / "out"
+    before_path = folder / "checkpoints" / f"step_{RESUME_STEP:06d}" / "model" / "model.safetensors"
+    after_path = folder / "model" / "model.safetensors"
+    if not (before_path.is_file() and after_path.is_file()):
+        return {"passed": False, "error": f"missing {before_path} or {after_path}"}
+    before, after = load_file(before_path), load_file(after_path)
+    trainable = [n for n in after if any(fnmatch.fnmatchcase(n, p) for p in FROZEN_PATTERNS)]
+    moved = [n for n in after if n not in trainable and not bool((before[n] == after[n]).all())]
+    still = [n for n in trainable if bool((before[n] == after[n]).all())]
+    return {
+        "trainable": len(trainable),
+        "frozen": len(after) - len(trainable),
+        "frozen_that_changed": moved[:10],
+        "trainable_that_did_not_change": still[:10],
+        "passed": bool(trainable) and not moved and not still,
+    }
+
+
+def reload_check(model: str, results: list[dict], out: Path, deadline: float, tol_all: float) -> dict:
+    """`from_pretrained` of every finished run's model folder, and its loss against the single-GPU model's."""
+    folders = {r["run"]: run_dir(r["run"], out) / "out" / "model" for r in results if r["model"] == model}
+    folders = {name: path for name, path in folders.items() if (path / "config.json").is_file()}
+    reference = f"{model}/single_gpu"
+    if reference not in folders:
+        return {"passed": False, "error": f"no model folder of {reference}"}
+    report = out / "runs" / f"reload-{model}.json"
+    recipe = run_dir(reference, out) / "recipe.yaml"
+    command = [sys.executable, "-m", "benchmarks.distributed_worker", "reload", str(recipe), str(report)]
+    command += [str(p) for p in folders.values()]
+    proc = start(command, child_env(CUDA_VISIBLE_DEVICES="0"), out / "logs" / f"reload-{model}.log")
+    status, _ = finish(proc, deadline)
+    if status != "ok" or not report.is_file():
+        return {"passed": False, "error": f"reload {status}; see logs/reload-{model}.log"}
+    loaded = json.loads(report.read_text())
+    by_run = {name: loaded[str(path)] for name, path in folders.items()}
+    ref_loss = by_run[reference].get("loss")
+    for entry in by_run.values():
+        if "loss" in entry and ref_loss is not None:
+            entry["rel_to_single_gpu"] = abs(entry["loss"] - ref_loss) / max(abs(ref_loss), 1e-12)
+    passed = all(
+        "error" not in e and not e["missing_keys"] and not e["unexpected_keys"] and e["rel_to_single_gpu"] <= tol_all
+        for e in by_run.values()
+    )
+    return {"runs": by_run, "passed": passed}
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    versions = {}
+    for name in ("torch", "transformers", "accelerate", "deepspeed"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = "not installed"
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {"date": time.strftime("%Y-%m-%d"), "gpus": gpus, "versions": versions}
+
+
+def write_report(out: Path, report: dict) -> None:
+    """`distributed.json` and `distributed.md` under `out`."""
+    (out / "distributed.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [
+        "# Distributed training: single GPU, DDP, ZeRO-2, ZeRO-3",
+        "",
+        f"{report['environment']['date']}, {', '.join(report['environment']['gpus']) or 'no GPU'}; "
+        + ", ".join(f"{k} {v}" for k, v in report["environment"]["versions"].items()),
+        "",
+        f"Rule 110, {STEPS} steps, N=2, AdamW, bf16; loss tolerance relative to the single-GPU run: "
+        f"{report['tolerances']['first']:g} at the first step, {report['tolerances']['all']:g} at every step.",
+        "",
+        "| run | status | loss step 1 | loss last | rel. diff first | rel. diff max | pass | tokens/s | "
+        "peak GiB per GPU | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["runs"]:
+        losses = r.get("losses", {})
+        cmp = r.get("comparison")
+        peak = " / ".join(f"{m['allocated_gib']:.2f}" for m in r.get("peak_memory", [])) or "-"
+        lines.append(
+            f"| {r['run']} | {r['status']} | {_num(losses.get(min(losses)) if losses else None)} | "
+            f"{_num(losses.get(max(losses)) if losses else None)} | {_num(cmp and cmp['rel_first'], '.1e')} | "
+            f"{_num(cmp and cmp['rel_max'], '.1e')} | {'yes' if cmp and cmp['passed'] else ('no' if cmp else '-')} | "
+            f"{_num(r.get('tokens_per_s'), ',.0f')} | {peak} | {r.get('wall_s', '-')} |"
+        )
+    lines += ["", "## Checks", ""]
+    for name, check in report["checks"].items():
+        verdict = "pass" if check.get("passed") else "FAIL"
+        detail = check.get("error") or json.dumps({k: v for k, v in check.items() if k not in ("passed", "runs")})
+        lines.append(f"- {name}: {verdict} ({detail})")
+        for run, entry in check.get("runs", {}).items():
+            lines.append(f"  - {run}: {json.dumps(entry)}")
+    failed = [r for r in report["runs"] if r["status"] not in ("ok", "skipped")]
+    if failed:
+        lines += ["", "## Logs of failed runs", ""]
+        for r in failed:
+            lines += [f"### {r['run']} ({r['status']})", "", "```", *r.get("log_tail", []), "```", ""]
+    (out / "distributed.md").write_text("\n".join(lines) + "\n")
+
+
+def _num(value: float | None, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=os.environ.get("OUT"), help="output folder (default: $OUT)")
+    parser.add_argument("--dry-run", action="store_true", help="write recipes, DeepSpeed configs and commands only")
+    parser.add_argument("--only", nargs="*", metavar="RUN", help="run only these (e.g. tiny/zero3 2b/single_gpu)")
+    parser.add_argument("--budget-s", type=float, default=540, help="stop starting runs after this long")
+    parser.add_argument("--timeout-s", type=float, default=240, help="the longest one run may take")
+    parser.add_argument("--tol-first", type=float, default=1e-2, help="relative loss tolerance at the first step")
+    parser.add_argument("--tol-all", type=float, default=5e-2, help="relative loss tolerance at every step")
+    args = parser.parse_args(argv)
+    if args.out is None:
+        parser.error("give --out or set $OUT")
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [r for r in plan_runs(out) if not args.only or r.name in args.only]
+    prepared = {r.name: prepare(r, out) for r in runs}
+    if args.dry_run:
+        plan = [{"run": name, "command": shlex.join(c), "env": e} for name, (c, e) in prepared.items()]
+        (out / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
+        for entry in plan:
+            env = " ".join(f"{k}={shlex.quote(v)}" for k, v in entry["env"].items())
+            print(f"# {entry['run']}\n{env} {entry['command']}")
+        return 0
+
+    began = time.monotonic()
+    budget_end = began + args.budget_s
+    report: dict[str, Any] = {
+        "environment": environment(),
+        "tolerances": {"first": args.tol_first, "all": args.tol_all},
+        "runs": [],
+        "checks": {},
+    }
+    done: dict[str, dict] = {}
+
+    def record(run: Run, result: dict) -> None:
+        result["comparison"] = compare(result, done.get(run.reference or ""), run, args.tol_first, args.tol_all)
+        done[run.name] = result
+        report["runs"].append(result)
+        write_report(out, report)
+
+    queue = list(runs)
+    while queue:
+        # the single-GPU references go two at a time, one per GPU
+        batch = [queue.pop(0)]
+        if batch[0].mode == "single_gpu" and queue and queue[0].mode == "single_gpu":
+            batch.append(queue.pop(0))
+        left = budget_end - time.monotonic()
+        ready = [r for r in batch if r.min_seconds <= left]
+        for r in batch:
+            if r not in ready:
+                record(r, {"run": r.name, "model": r.model, "mode": r.mode, "status": "skipped", "losses": {}})
+        deadline = time.monotonic() + min(args.timeout_s, left)
+        procs = []
+        for r in ready:
+            command, env = prepared[r.name]
+            log = out / "logs" / f"{run_dir(r.name, out).name}.log"
+            procs.append((r, command, time.monotonic(), start(command, env, log)))
+        for r, command, t0, proc in procs:
+            status, code = finish(proc, deadline)
+            record(r, collect(r, out, status, code, time.monotonic() - t0, command))
+            if r.model == "2b":
+                shutil.rmtree(run_dir(r.name, out) / "out" / "checkpoints", ignore_errors=True)
+        for r in ready:
+            if r.name == "tiny/zero3_frozen":
+                report["checks"]["frozen base under zero3"] = frozen_check(r, out)
+                write_report(out, report)
+
+    for model in ("tiny", "2b"):
+        left = budget_end - time.monotonic()
+        if any(r["model"] == model for r in report["runs"]) and left > 30:
+            check = reload_check(model, report["runs"], out, time.monotonic() + left, args.tol_all)
+            report["checks"][f"reload {model} (from_pretrained)"] = check
+            write_report(out, report)
+    report["total_s"] = round(time.monotonic() - began, 1)
+    write_report(out, report)
+    print((out / "distributed.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
