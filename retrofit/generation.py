@@ -173,7 +173,9 @@ class SleepCache(Cache):
 def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `retrofit generate MODEL_DIR --prompt ... [--max-new-tokens N] [--sleep-when-idle]`."""
     parser = subparsers.add_parser("generate", help="generate text with a sleeping model (streaming, with sleep)")
-    parser.add_argument("model_dir", type=Path, help="a saved model folder (with its tokenizer) or a run directory")
+    parser.add_argument(
+        "model_dir", type=Path, help="a saved model or adapter folder (with its tokenizer), or a run directory"
+    )
     parser.add_argument("--prompt", required=True, help="the prompt text")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     parser.add_argument(
@@ -188,14 +190,22 @@ def run_generate(args: argparse.Namespace) -> int:
     """Greedy generation from `args.prompt`; prints the continuation. User errors exit 2 with one line."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_dir = args.model_dir / "model" if (args.model_dir / "model" / "config.json").is_file() else args.model_dir
-    if not (model_dir / "config.json").is_file():
-        print(f"error: {args.model_dir} holds no saved model (no config.json, nor model/config.json)", file=sys.stderr)
+    from retrofit.lora import is_adapter_dir, load_adapter
+
+    saved = [args.model_dir / d for d in ("model", "adapter")] + [args.model_dir]
+    model_dir = next((d for d in saved if (d / "config.json").is_file() or is_adapter_dir(d)), None)
+    if model_dir is None:
+        print(
+            f"error: {args.model_dir} holds no saved model (no config.json or adapter_config.json, here or in its "
+            "model/ or adapter/ folder)",
+            file=sys.stderr,
+        )
         return 2
     if args.max_new_tokens < 1:
         print("error: --max-new-tokens must be at least 1", file=sys.stderr)
         return 2
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    adapter = is_adapter_dir(model_dir)  # a LoRA run: the adapter on its base, sleeping as trained
+    model = (load_adapter(model_dir) if adapter else AutoModelForCausalLM.from_pretrained(model_dir)).eval()
     if getattr(model, "sleep_config", None) is None:
         print(f"error: {model_dir} is not a sleeping model (its config.json has no sleep_config)", file=sys.stderr)
         return 2

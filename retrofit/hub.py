@@ -21,6 +21,8 @@ from typing import Any
 import yaml
 from huggingface_hub import HfApi
 
+from retrofit.lora import SLEEP_CONFIG_FILE, is_adapter_dir
+
 ARXIV_ID = "2605.26099"
 EVAL_FILES = ("results.md", "results.json", "results.png")
 VERSIONED_PACKAGES = (("torch", "torch"), ("transformers", "transformers"), ("fla", "flash-linear-attention"))
@@ -70,8 +72,13 @@ def model_card(run: RunFiles, repo_id: str) -> str:
     recipe: dict[str, Any] = yaml.safe_load(recipe_text) or {}
     model_section = recipe.get("model") or {}
     base, revision = model_section.get("pretrained"), model_section.get("revision")
-    sleep = json.loads((run.model / "config.json").read_text()).get("sleep_config")
-    header: dict[str, Any] = {"library_name": "transformers", "tags": ["sleep-retrofit", "sleep", "linear-attention"]}
+    adapter = is_adapter_dir(run.model)
+    if adapter:
+        sleep = json.loads((run.model / SLEEP_CONFIG_FILE).read_text())
+    else:
+        sleep = json.loads((run.model / "config.json").read_text()).get("sleep_config")
+    library = "peft" if adapter else "transformers"
+    header: dict[str, Any] = {"library_name": library, "tags": ["sleep-retrofit", "sleep", "linear-attention"]}
     if base:
         header["base_model"] = base
     versions = package_versions()
@@ -96,11 +103,7 @@ def model_card(run: RunFiles, repo_id: str) -> str:
         "## Usage",
         "",
         "```python",
-        "import retrofit  # registers the model classes with transformers",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+        *(_adapter_usage(repo_id) if adapter else _model_usage(repo_id)),
         "```",
         "",
         "`model.generate(...)` streams with sleep every L tokens; `model.sleep(cache)` consolidates early when idle.",
@@ -125,6 +128,29 @@ def model_card(run: RunFiles, repo_id: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _model_usage(repo_id: str) -> list[str]:
+    return [
+        "import retrofit  # registers the model classes with transformers",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+    ]
+
+
+def _adapter_usage(repo_id: str) -> list[str]:
+    return [
+        "# A LoRA adapter: load_adapter rebuilds its base (see adapter_config.json) and makes it sleep as trained.",
+        "from huggingface_hub import snapshot_download",
+        "from transformers import AutoTokenizer",
+        "from retrofit.lora import load_adapter",
+        "",
+        f'folder = snapshot_download("{repo_id}")',
+        "model = load_adapter(folder)",
+        "tokenizer = AutoTokenizer.from_pretrained(folder)",
+    ]
 
 
 def build_upload_folder(run_dir: Path, folder: Path, repo_id: str) -> Path:

@@ -190,6 +190,19 @@ def test_a_recipe_with_an_adapter_trains_only_the_adapter_saves_resumes_and_eval
     ours, theirs = (json.loads((d / "results.json").read_text()) for d in (run, tmp_path / "eval"))
     assert ours["buckets"] == theirs["buckets"]
 
+    # `retrofit push --dry-run` writes the adapter folder with a PEFT model card; it loads back the same.
+    upload = tmp_path / "upload"
+    assert main(["push", str(run), "--repo-id", "me/lora", "--dry-run", "--output-dir", str(upload)]) == 0
+    assert "library_name: peft" in (upload / "README.md").read_text()
+    with torch.no_grad():
+        assert torch.equal(
+            load_adapter(upload, dtype=torch.float32).eval()(input_ids=ids).logits, loaded(input_ids=ids).logits
+        )
+
+    # `retrofit generate RUN` streams with the adapter run as it does with a full model.
+    assert main(["generate", str(run), "--prompt", "0 1 1 0", "--max-new-tokens", "3", "--sleep-when-idle"]) == 0
+    assert "idle: consolidated" in capsys.readouterr().out
+
     # Resuming from the step-2 checkpoint (adapter weights only) ends with the same adapter.
     resumed = tmp_path / "resumed"
     shutil.copytree(run / "checkpoints" / "step_000002", resumed / "checkpoints" / "step_000002")
