@@ -280,39 +280,74 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
 
 
+# fla's gated delta rule output is accurate to ~1.5e-3 relative in fp32 (TF32 dots; benchmarks/README.md, probe).
+FLA_OUTPUT_PRECISION = 1.5e-3
+
+
+def jet_loss_and_grads(model, ids, labels, output_noise: float = 0.0, seed: int = 0):
+    """Loss and gradients of a sleeping tiny Jet; `output_noise` scales each gated-delta-rule output by
+    (1 + noise * N(0, 1)), a perturbation the size of a kernel's rounding error."""
+    import retrofit.layers.gated_deltanet as mixers
+
+    exact, generator = mixers.gated_delta_rule, torch.Generator(device=ids.device).manual_seed(seed)
+
+    def perturbed(*args, **kwargs):
+        o, state = exact(*args, **kwargs)
+        noise = torch.randn(o.shape, generator=generator, device=o.device, dtype=o.dtype)
+        return o * (1 + output_noise * noise), state
+
+    mixers.gated_delta_rule = perturbed if output_noise else exact
+    try:
+        model.zero_grad()
+        sleep = SleepConfig(window=40, passes=3, eviction="sliding", checkpointing="pass")
+        loss = SleepEngine(model.get_sleep_adapter(), sleep).forward(ids, labels=labels).loss
+        loss.backward()
+    finally:
+        mixers.gated_delta_rule = exact
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 4): the loss agrees but layer 0's gate gradients (A_log, dt_bias, a_proj, b_proj) differ "
-    "(relative error 0.2-1.9). They are ill-conditioned here: the torch path with TF32 matmuls is as far from "
-    "float64 (A_log 2.7, a_proj 0.67) while the torch path in fp32 is within 5e-4 (benchmarks/probes/"
-    "jet_gate_grads.py); fla with TRITON_F32_DEFAULT=ieee still gives 0.95, so fla keeps ~1e-4 noise elsewhere",
-)
 def test_sleeping_jet_on_fla_matches_the_torch_path(monkeypatch, tmp_path):
-    """fla's kernels against the torch path on CUDA (float32, same model): loss and every gradient."""
+    """fla's kernels against the torch path on CUDA (float32, same model): the loss and every gradient, each within
+    what the kernel's own precision allows.
+
+    The model has the family's own initialisation (std 0.02), as a trained model is well-conditioned. With the
+    unit-scale weights of `write_official_checkpoint` instead, 8 layers x 3 passes x 4 windows are chaotic:
+    perturbing every gated-delta-rule output by a relative 1.5e-3 (fla's fp32 precision, TF32 dots) moves the median
+    gradient by 80% and layer 0's A_log by 4x (CPU, float64 reference), so no fp32 kernel could match the torch path
+    there; that was this test's failure on an H100. Some gradients stay sensitive here too (A_log of a looped layer:
+    4e-2 under that noise), so each gradient's tolerance is the larger of 2e-2 and 3x how far the torch path's own
+    gradient moves under output noise at fla's precision; a semantic difference (a wrong gate, state or conv
+    handling) moves well-conditioned gradients by O(1) and fails.
+    """
     config = tiny_config()
     config["efficient_attention_config"]["jet"] |= {"head_dim": 8, "expand_v": 2}  # the hybrid GPU tests' sizes
-    write_official_checkpoint(tmp_path, config)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).cuda()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path), dtype=torch.float32).cuda()
     with torch.no_grad():  # mild decays, so that gradients reach back over several windows
         for name, param in model.named_parameters():
             if name.endswith("A_log"):
                 param.fill_(-4.0)
     ids, labels = (t.cuda() for t in random_batch(2, 150, config["vocab_size"]))
-    sleep = SleepConfig(window=40, passes=3, eviction="sliding", checkpointing="pass")
-    results = {}
-    for backend in ("fla", "torch"):
-        monkeypatch.setenv("RETROFIT_OPS", backend)
-        model.zero_grad()
-        loss = SleepEngine(model.get_sleep_adapter(), sleep).forward(ids, labels=labels).loss
-        loss.backward()
-        results[backend] = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    (fla_loss, fla_grads), (torch_loss, torch_grads) = results["fla"], results["torch"]
+    monkeypatch.setenv("RETROFIT_OPS", "fla")
+    fla_loss, fla_grads = jet_loss_and_grads(model, ids, labels)
+    monkeypatch.setenv("RETROFIT_OPS", "torch")
+    torch_loss, torch_grads = jet_loss_and_grads(model, ids, labels)
+    noisy = [jet_loss_and_grads(model, ids, labels, FLA_OUTPUT_PRECISION, seed)[1] for seed in (1, 2)]
     assert rel(fla_loss, torch_loss) < 5e-3
     assert fla_grads.keys() == torch_grads.keys()
-    worst = sorted(((rel(fla_grads[n], torch_grads[n]), n) for n in torch_grads), reverse=True)
-    assert worst[0][0] < 2e-2, worst[:5]
+    over = []
+    for name, reference in torch_grads.items():
+        sensitivity = max(rel(grads[name], reference) for grads in noisy)
+        error = rel(fla_grads[name], reference)
+        if error > max(2e-2, 3 * sensitivity):
+            over.append((error, sensitivity, name))
+    assert not over, sorted(over, reverse=True)[:5]
+    well_conditioned = [n for n in torch_grads if max(rel(g[n], torch_grads[n]) for g in noisy) < 1e-2]
+    assert len(well_conditioned) > len(torch_grads) // 2  # the tolerance stays tight for most of the model
 
 
 # The published 2B config.json, shipped with the benchmarks so that the GPU machine has it without ../shared.

@@ -6,6 +6,12 @@
    gradients: the relative error of each input gradient, so a bad op call shows up by name and index.
 
 Run on a GPU machine: `python -m benchmarks.probes.jet_gate_grads`.
+
+Finding (H100, 2026-11-22): fla and the torch path with TF32 matmuls are both O(1) off float64 in layer 0's A_log
+and dt_bias (1.9 and 2.7), while the torch path in fp32 is within 5e-4. On a CPU, perturbing every gated-delta-rule
+output of this model (unit-scale random weights from `write_official_checkpoint`) by a relative 1.5e-3 moves the
+median gradient by 80%: the model is chaotic, not fla wrong. `tests/test_jet_nemotron.py` now compares on the
+family's own initialisation, with tolerances calibrated by that perturbation.
 """
 
 from __future__ import annotations
@@ -63,8 +69,10 @@ class Recorder:
                 tensor.register_hook(lambda grad, name=name: record["grads"].__setitem__(name, grad.detach().clone()))
         o, final = self.op(q, k, v, g, beta, **kwargs)
         record["strides"] = {n: tuple(t.stride()) for n, t in named.items() if t is not None}
-        o.register_hook(lambda grad: record.__setitem__("do", grad.detach().clone()))
-        final.register_hook(lambda grad: record.__setitem__("dht", grad.detach().clone()))
+        for name, tensor in (("do", o), ("dht", final)):  # a final state nothing reads gets no gradient (None)
+            tensor.register_hook(
+                lambda grad, name=name: grad is None or record.__setitem__(name, grad.detach().clone())
+            )
         self.calls.append(record)
         return o, final
 
