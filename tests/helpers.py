@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -119,3 +120,18 @@ def write_published_layout(
     for filename in remote_code_files:
         (directory / filename).write_text('raise RuntimeError("the Hub remote code must not run")\n')
     return tensors
+
+
+def timed_gpu_training_step(model: torch.nn.Module, ids: Tensor, labels: Tensor) -> tuple[Tensor, float, float]:
+    """(loss, seconds, peak GiB) of a forward+backward on CUDA, measured on the second of two steps (the first
+    compiles kernels and warms up the allocator). Gradients are left in place for the caller to check."""
+    for _ in range(2):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, labels=labels).loss
+        loss.backward()
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+    return loss.detach(), elapsed, torch.cuda.max_memory_allocated() / 2**30

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from retrofit import SleepConfig, SleepEngine, apply_sleep
 from retrofit.blocks import Chunk, LinearState
 from retrofit.ops.naive import naive_gated_delta_rule
 from retrofit.ops.naive_dynamic_conv import naive_dynamic_conv
-from tests.helpers import random_batch, stream_wake_logits
+from tests.helpers import random_batch, stream_wake_logits, timed_gpu_training_step
 from tests.jet_checkpoint import official_shapes, tiny_config, write_official_checkpoint
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "jet-nemotron"
@@ -369,18 +368,9 @@ def test_jet_nemotron_2b_shape_sleep_trains_on_gpu(checkpointing, tmp_path):
     assert model.default_loop_range() == (7, 21)
     model.train()
     ids = torch.randint(0, config.vocab_size, (1, 4000), device="cuda")
-    for _ in range(2):  # the first step warms up kernels and the allocator
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        model.zero_grad(set_to_none=True)
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
+    loss, elapsed, peak = timed_gpu_training_step(model, ids, ids)
     assert torch.isfinite(loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
-    peak = torch.cuda.max_memory_allocated() / 2**30
     print(
         f"\nJet-Nemotron-2B shape, N=2, L=2000, T=4000, checkpointing={checkpointing}: "
         f"step {elapsed:.2f} s, peak {peak:.1f} GiB"

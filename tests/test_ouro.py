@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ from model_patches.ouro import OuroConfig, OuroForCausalLM, evenly_spaced_layers
 from retrofit import SleepConfig, SleepEngine, apply_sleep
 from retrofit.blocks import LinearState
 from retrofit.recipes import load_recipe, resolve
-from tests.helpers import random_batch, stream_wake_logits
+from tests.helpers import random_batch, stream_wake_logits, timed_gpu_training_step
 from tests.ouro_checkpoint import LAYER_NORMS, official_shapes, tiny_config, write_official_checkpoint
 
 TOL = 1e-10
@@ -382,17 +381,8 @@ def test_ouro_1_4b_shape_sleep_trains_on_gpu(passes):
     ids = torch.randint(0, config.vocab_size, (1, 3300), device="cuda")
     labels = ids.clone()
     labels[:, :2000] = -100  # supervise the second chunk, after a sleep
-    for _ in range(2):  # the first step warms up kernels and the allocator
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        model.zero_grad(set_to_none=True)
-        loss = model(ids, labels=labels).loss
-        loss.backward()
-        torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
+    loss, elapsed, peak = timed_gpu_training_step(model, ids, labels)
     assert torch.isfinite(loss)
     mixer_grads = [p.grad for n, p in model.named_parameters() if n in set(model.jet_mixer_parameter_names())]
     assert all(g is not None for g in mixer_grads)
-    peak = torch.cuda.max_memory_allocated() / 2**30
     print(f"\nOuro-1.4B shape + 6 Jet mixers, N={passes}, L=2000, T=3300: step {elapsed:.2f} s, peak {peak:.1f} GiB")

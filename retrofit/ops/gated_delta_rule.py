@@ -155,35 +155,18 @@ def gated_delta_rule(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     fla = select_fla_module(q, _FLA_GDR_MODULE)
-    if fla is not None and q.shape[1] <= _FLA_RECURRENT_MAX_T and not _needs_grad(q, k, v, g, beta, initial_state):
-        # Decoding and other short inference calls: one fused kernel walks the tokens (what fla's own layers do
-        # for q_len <= 64 outside training); the chunk path launches a dozen kernels for a handful of tokens.
-        # It has no backward, hence only without gradients.
-        return fla.fused_recurrent_gated_delta_rule(
-            q=q,
-            k=k,
-            v=v,
-            g=g,
-            beta=beta,
-            scale=scale,
-            initial_state=initial_state,
-            output_final_state=output_final_state,
-            use_qk_l2norm_in_kernel=use_qk_l2norm,
-        )
     if fla is not None:
         # Always by keyword: fla's positional order differs between its chunk and fused_recurrent entry points.
-        return fla.chunk_gated_delta_rule(
-            q=q,
-            k=k,
-            v=v,
-            g=g,
-            beta=beta,
-            scale=scale,
-            initial_state=initial_state,
-            output_final_state=output_final_state,
-            use_qk_l2norm_in_kernel=use_qk_l2norm,
-            chunk_size=chunk_size if chunk_size in _FLA_CHUNK_SIZES else 64,
-        )
+        arguments = {
+            "q": q, "k": k, "v": v, "g": g, "beta": beta, "scale": scale, "initial_state": initial_state,
+            "output_final_state": output_final_state, "use_qk_l2norm_in_kernel": use_qk_l2norm,
+        }  # fmt: skip
+        if q.shape[1] <= _FLA_RECURRENT_MAX_T and not _needs_grad(q, k, v, g, beta, initial_state):
+            # Decoding and other short inference calls: one fused kernel walks the tokens (what fla's own layers
+            # do for q_len <= 64 outside training); the chunk path launches a dozen kernels for a few tokens.
+            # It has no backward, hence only without gradients.
+            return fla.fused_recurrent_gated_delta_rule(**arguments)
+        return fla.chunk_gated_delta_rule(**arguments, chunk_size=chunk_size if chunk_size in _FLA_CHUNK_SIZES else 64)
     return _gated_delta_rule_torch(
         q,
         k,
