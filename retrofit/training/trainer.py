@@ -206,9 +206,15 @@ def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = 
             progress.close()
             accelerator.end_training()
             kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved"
+            # DeepSpeed has already stepped inside the last backward; everywhere else the step is not taken.
+            stopped = (
+                "stopped after DeepSpeed took that step"
+                if zero_stage(accelerator) is not None
+                else "stopped before that step"
+            )
             raise TrainingDiverged(
-                f"training diverged at step {step + 1}: loss {loss_value}, grad norm {grad_norm}; stopped without "
-                f"taking that step, {kept}. Lower the learning rates or add warmup, then --resume auto"
+                f"training diverged at step {step + 1}: loss {loss_value}, grad norm {grad_norm}; {stopped}, "
+                f"{kept}. Lower the learning rates or add warmup, then --resume auto"
             )
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
