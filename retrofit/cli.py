@@ -1,4 +1,4 @@
-"""`retrofit` command line: `train`, `validate`, `eval`, `generate`, `push`, `merge` and `env`.
+"""`retrofit` command line: `train`, `validate`, `eval`, `generate`, `push`, `merge`, `report` and `env`.
 
 Recipe problems exit with code 2 and one line on stderr naming the file, the key and the fix; a training run
 whose loss or gradients stop being finite exits with code 3 and keeps its last good checkpoint.
@@ -51,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     from retrofit.generation import add_generate_parser
     from retrofit.hub import add_push_parser
     from retrofit.lora import add_merge_parser
+    from retrofit.report import add_report_parser
 
     parser = argparse.ArgumentParser(prog="retrofit", description="Retrofit sleep onto SSM/attention hybrid LMs.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -98,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     add_generate_parser(commands)  # retrofit.generation
     add_push_parser(commands)  # retrofit.hub
     add_merge_parser(commands)  # retrofit.lora
+    add_report_parser(commands)  # retrofit.report
 
     commands.add_parser("env", help="print the versions of the packages a bug report needs")
     return parser

@@ -1,0 +1,175 @@
+"""Issue 9: one command per sweep trains N ∈ {1, 2, 4} at once on one GPU, then reports the runs side by side.
+
+    source .gpu/setup.sh && python3 -m benchmarks.replication rule110 --root /tmp/replicate/rule110 [--seed S]
+    python -m benchmarks.replication depo --dry-run      # CPU: tiny settings through the whole path, in seconds
+
+Each N is its own `retrofit train` process on `recipes/replicate/<task>-n<N>.yaml`, with `--set output_dir=ROOT/n<N>`,
+`--set seed=S` and then any `--set` given here (e.g. `--set task.options.steps=4` for another Rule 110 depth). All
+three start together in the background on the same device: CUDA time-slices the GPU between the processes, so one
+run's host work (data generation, kernel launches) overlaps another's kernels; the recipes' comments size the budget
+for that. Each run logs to `ROOT/n<N>.log`. When all have exited, `ROOT/sweep.json` records their commands, wall
+times and exit codes (what recalibrates the budgets), and `retrofit report` on the runs that finished writes
+`ROOT/report/`. The exit code is 0 only when every run and the report succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from retrofit.cli import main as retrofit_main
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes" / "replicate"
+TASKS = ("rule110", "depo")
+PASSES = (1, 2, 4)
+POLL_SECONDS = 0.5
+LOG_TAIL_LINES = 20
+# --dry-run: the recipes' data and sleep settings on a d=16 model, 2 steps of 4 examples, a 4-per-bucket eval.
+DRY_RUN_OVERRIDES = (
+    "model.config.hidden_size=16",
+    "model.config.intermediate_size=32",
+    "model.config.num_attention_heads=2",
+    "model.config.linear_num_heads=2",
+    "model.config.linear_head_dim=8",
+    "train.max_steps=2",
+    "train.batch_size=4",
+    "train.micro_batch_size=4",
+    "train.log_every=1",
+    "eval.every_steps=1",
+    "eval.source=generated",
+    "eval.num_per_difficulty=4",
+    "eval.batch_size=32",
+)
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One N of a sweep: its recipe's training command, output folder and log file."""
+
+    passes: int
+    run_dir: Path
+    log: Path
+    command: list[str]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one run ended: its exit code and its wall time from the sweep's start."""
+
+    returncode: int
+    seconds: float
+
+
+def plan(task: str, root: Path, seed: int, overrides: Sequence[str], *, dry_run: bool) -> list[SweepRun]:
+    """The training command of each N: the N's recipe, its output folder under `root`, the seed, then overrides."""
+    runs = []
+    for passes in PASSES:
+        run_dir = root / f"n{passes}"
+        settings = [f"output_dir={run_dir}", f"seed={seed}", *(DRY_RUN_OVERRIDES if dry_run else ()), *overrides]
+        command = [sys.executable, "-m", "retrofit", "train", str(RECIPES / f"{task}-n{passes}.yaml")]
+        command += [arg for setting in settings for arg in ("--set", setting)]
+        runs.append(SweepRun(passes, run_dir, root / f"n{passes}.log", command))
+    return runs
+
+
+def child_env(runs: int, *, dry_run: bool) -> dict[str, str]:
+    """The runs' environment: the CPU cores split between them; `dry_run` hides the GPU so all of it runs on CPU."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // runs)))
+    if dry_run:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def run_concurrently(runs: Sequence[SweepRun], env: dict[str, str]) -> list[Outcome]:
+    """Start every run in the background at once, wait for all, and say how each ended.
+
+    If waiting is interrupted (Ctrl-C), the runs still going are terminated rather than left behind.
+    """
+    start = time.monotonic()
+    processes: list[subprocess.Popen] = []
+    try:
+        for run in runs:
+            with run.log.open("w") as log:
+                processes.append(subprocess.Popen(run.command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+            print(f"N={run.passes}: started (pid {processes[-1].pid}), log {run.log}", flush=True)
+        outcomes: dict[int, Outcome] = {}
+        while len(outcomes) < len(processes):
+            for i, process in enumerate(processes):
+                if i not in outcomes and process.poll() is not None:
+                    outcome = outcomes[i] = Outcome(process.returncode, round(time.monotonic() - start, 1))
+                    print(f"N={runs[i].passes}: exit {outcome.returncode} after {outcome.seconds:.0f} s", flush=True)
+            time.sleep(POLL_SECONDS)
+        return [outcomes[i] for i in range(len(processes))]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+
+
+def write_sweep_json(path: Path, task: str, seed: int, runs: Sequence[SweepRun], outcomes: Sequence[Outcome]) -> None:
+    """Record what ran and how long each run took: the measurement the recipes' budgets are recalibrated with."""
+    records = [
+        {"passes": r.passes, "run_dir": str(r.run_dir), "log": str(r.log), "command": r.command}
+        | {"returncode": o.returncode, "seconds": o.seconds}
+        for r, o in zip(runs, outcomes, strict=True)
+    ]
+    path.write_text(json.dumps({"task": task, "seed": seed, "runs": records}, indent=2) + "\n")
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last `lines` lines of a run's log (tqdm's carriage-return updates split into lines)."""
+    text = path.read_text(errors="replace").replace("\r", "\n")
+    return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.replication",
+        description="Train N = 1, 2, 4 of one task at once on one GPU, then run `retrofit report` on them.",
+    )
+    parser.add_argument("task", choices=TASKS, help="the sweep: recipes/replicate/<task>-n<N>.yaml")
+    parser.add_argument("--seed", type=int, default=0, help="seed of all three runs (--set seed=S; default 0)")
+    parser.add_argument("--root", type=Path, help="where the runs go (default: runs/replicate/<task>-seed<S>)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+        help="override a key of all three recipes (after --seed and --dry-run's settings); repeatable",
+    )  # fmt: skip
+    parser.add_argument("--dry-run", action="store_true", help="tiny model, 2 steps, on the CPU: checks the path")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one sweep and its report; return the exit code (2: the root already holds runs)."""
+    args = _parser().parse_args(argv)
+    suffix = "-dry-run" if args.dry_run else ""
+    root = (args.root or REPO / "runs" / "replicate" / f"{args.task}-seed{args.seed}{suffix}").absolute()
+    runs = plan(args.task, root, args.seed, args.overrides, dry_run=args.dry_run)
+    taken = [str(r.run_dir) for r in runs if r.run_dir.exists()]
+    if taken:
+        print(f"error: {', '.join(taken)} already exist(s); remove them or choose another --root", file=sys.stderr)
+        return 2
+    root.mkdir(parents=True, exist_ok=True)
+    outcomes = run_concurrently(runs, child_env(len(runs), dry_run=args.dry_run))
+    write_sweep_json(root / "sweep.json", args.task, args.seed, runs, outcomes)
+    ended = list(zip(runs, outcomes, strict=True))
+    failed = [run for run, outcome in ended if outcome.returncode != 0]
+    for run in failed:
+        print(f"N={run.passes} failed; the end of {run.log}:\n{log_tail(run.log)}", file=sys.stderr)
+    finished = [str(run.run_dir) for run, outcome in ended if outcome.returncode == 0]
+    if not finished:
+        return 1
+    code = retrofit_main(["report", *finished, "--out", str(root / "report")])
+    return 1 if failed else code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
