@@ -10,7 +10,7 @@ from retrofit.config import SleepConfig
 from retrofit.engine import SleepEngine
 
 
-def _base_model(model: nn.Module) -> nn.Module:
+def transformers_model(model: nn.Module) -> nn.Module:
     """The transformers model under a PEFT wrapper, or the model itself."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
@@ -26,7 +26,7 @@ def apply_sleep(model: nn.Module, config: SleepConfig | dict[str, Any]) -> nn.Mo
     """
     if isinstance(config, dict):
         config = SleepConfig.from_dict(config)
-    base = _base_model(model)
+    base = transformers_model(model)
     if not hasattr(base, "get_sleep_adapter"):
         model_type = getattr(getattr(base, "config", None), "model_type", type(base).__name__)
         raise TypeError(

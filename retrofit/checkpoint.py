@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from retrofit.ops import training_kernels
+
 
 def checkpoint_offloaded(fn: Callable[..., Any], *args: Any) -> Any:
     """`fn(*args)`, recomputed in backward; its tensor inputs wait on the host (CUDA) meanwhile.
@@ -76,7 +78,7 @@ class _RecomputedPass(torch.autograd.Function):
         ctx.fn, ctx.spec, ctx.leaves, ctx.positions = fn, spec, leaves, positions
         ctx.autocast = _AutocastState()
         ctx.save_for_backward(*tensors)
-        with torch.no_grad():
+        with torch.no_grad(), training_kernels():  # the kernels backward's recompute will differentiate
             out = fn(*tree_unflatten(_fill(leaves, positions, tensors), spec))
         out_leaves, out_spec = tree_flatten(out)
         out_positions = [i for i, leaf in enumerate(out_leaves) if isinstance(leaf, Tensor)]

@@ -73,8 +73,9 @@ def model_card(run: RunFiles, repo_id: str) -> str:
     model_section = recipe.get("model") or {}
     base, revision = model_section.get("pretrained"), model_section.get("revision")
     adapter = is_adapter_dir(run.model)
-    if adapter:
-        sleep = json.loads((run.model / SLEEP_CONFIG_FILE).read_text())
+    if adapter:  # the sleep config travels next to the adapter (optional: `load_adapter` treats it so too)
+        saved_sleep = run.model / SLEEP_CONFIG_FILE
+        sleep = json.loads(saved_sleep.read_text()) if saved_sleep.is_file() else None
     else:
         sleep = json.loads((run.model / "config.json").read_text()).get("sleep_config")
     library = "peft" if adapter else "transformers"

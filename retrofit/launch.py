@@ -25,9 +25,11 @@ What a mode refuses (`check_launch`, each an error naming the recipe key):
   `torch.optim.Muon` orthogonalises whole 2-D matrices (it raises on its first step). DeepSpeed's own Muon is a
   different optimizer, configured in its JSON, which the trainer's optimizer and schedule cannot drive. Under DDP
   (`multi_gpu`) every process holds whole matrices and the same averaged gradient, so Muon runs as on one GPU.
-- `checkpointing: pass` under `zero2`/`zero3`: it recomputes each pass with a nested (reentrant) backward, so a
-  looped weight's gradient arrives once per pass and chunk, while ZeRO reduces each gradient once per backward
-  ("Gradient computed twice for this partition"). `checkpointing: chunk` recomputes without nesting.
+- `checkpointing: pass` under `multi_gpu`, `zero2` and `zero3`: it recomputes each pass with a nested (reentrant)
+  backward, so a looped weight's gradient arrives once per pass and chunk, while DDP and ZeRO reduce each gradient
+  once per backward (ZeRO-2 stops with "Gradient computed twice for this partition"; DDP silently averages a
+  partial gradient, or with `find_unused_parameters` stops with "mark a variable ready only once").
+  `checkpointing: chunk` recomputes without nesting.
 - stages that train different parameters under `zero2`/`zero3`: DeepSpeed fixes what it partitions and steps when
   the engine is built, so freezing a parameter later does not take it out of the optimizer.
 """
@@ -94,16 +96,9 @@ def check_launch(recipe: Recipe, mode: str | None = None, origin: str | None = N
     `origin` says where the mode comes from in the messages (default `launch: MODE`).
     """
     mode = mode or (recipe.launch.mode if recipe.launch else None)
-    if mode not in ZERO_MODES:
+    if mode not in (*ZERO_MODES, "multi_gpu"):
         return
     origin = origin or f"launch: {mode}"
-    if recipe.optimizer.name == "muon":
-        raise RecipeError(
-            "optimizer.name",
-            f"muon cannot run under DeepSpeed ZeRO ({origin}): ZeRO gives the optimizer flat 1-D shards of the "
-            "weights and Muon orthogonalises whole 2-D matrices; use optimizer.name: adamw with this launch, or keep "
-            "Muon with launch: multi_gpu (DDP)",
-        )
     top = recipe.sleep.get("checkpointing")
     sleeps = [("sleep", top)] + [
         (f"stages[{i}].sleep", stage.sleep.get("checkpointing", top)) for i, stage in enumerate(recipe.stages or [])
@@ -112,10 +107,19 @@ def check_launch(recipe: Recipe, mode: str | None = None, origin: str | None = N
         if checkpointing == "pass":
             raise RecipeError(
                 f"{key}.checkpointing",
-                f"pass cannot run under DeepSpeed ZeRO ({origin}): it recomputes each pass in a nested backward, "
-                "so a looped weight's gradient arrives once per pass while ZeRO reduces it once per backward; use "
-                "checkpointing: chunk, or launch: multi_gpu",
+                f"pass cannot run on several processes ({origin}): it recomputes each pass in a nested backward, so "
+                "a looped weight's gradient arrives once per pass while DDP and ZeRO reduce it once per backward "
+                "(under DDP the gradients come out wrong); use checkpointing: chunk or none with this launch",
             )
+    if mode not in ZERO_MODES:
+        return
+    if recipe.optimizer.name == "muon":
+        raise RecipeError(
+            "optimizer.name",
+            f"muon cannot run under DeepSpeed ZeRO ({origin}): ZeRO gives the optimizer flat 1-D shards of the "
+            "weights and Muon orthogonalises whole 2-D matrices; use optimizer.name: adamw with this launch, or keep "
+            "Muon with launch: multi_gpu (DDP)",
+        )
     stages = recipe.stages or []
     for i, stage in enumerate(stages[1:], start=1):
         if list(stage.trainable) != list(stages[0].trainable):
@@ -272,9 +276,11 @@ def launch_train(
     """
     import torch
 
+    from retrofit.recipes import resolve
     from retrofit.training.trainer import resume_point
 
     recipe = loaded.recipe
+    resolve(recipe)  # task, sleep, stages and model config: refused here once, not by every process
     plan = plan_launch(recipe, torch.cuda.device_count())
     resume_point(resume, Path(recipe.output_dir), overwrite=overwrite)
     command = launch_command(plan, train_program(loaded.path, overrides, resume, overwrite))

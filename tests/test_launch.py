@@ -253,6 +253,12 @@ REFUSED = {
         "sleep.checkpointing",
         "checkpointing: chunk",
     ),
+    "pass checkpointing under DDP": (
+        {},
+        ["launch=multi_gpu", "sleep.checkpointing=pass"],
+        "sleep.checkpointing",
+        "launch: multi_gpu",
+    ),
     "pass checkpointing in a stage under zero3": (
         {"stages": [{"name": "a", "max_steps": 2, "sleep": {"checkpointing": "pass"}}]},
         ["launch=zero3"],
@@ -325,7 +331,7 @@ def test_print_launch_needs_a_launch_mode(tmp_path, capsys):
 @pytest.mark.parametrize(
     "mode,sections",
     [
-        ("multi_gpu", {"optimizer": {"name": "muon"}, "sleep": {"window": 24, "checkpointing": "pass"}}),
+        ("multi_gpu", {"optimizer": {"name": "muon"}, "sleep": {"window": 24, "checkpointing": "chunk"}}),
         ("zero3", {"sleep": {"window": 24, "checkpointing": "chunk"}}),
         ("zero3", {"stages": [{"name": "a", "max_steps": 1}, {"name": "b", "max_steps": 1}]}),
     ],
@@ -448,16 +454,9 @@ def test_outside_zero3_batches_are_left_alone(tiny):
         assert distributed.align_sleep_plan(accelerator, batch, resolved.sleep.window, 0) is batch
 
 
-def test_leaf_marking_names_the_block_classes_and_needs_zero3(tiny, monkeypatch):
+def test_leaf_modules_are_the_block_classes(tiny):
     model, _, _ = tiny
     assert distributed.sleep_block_class_names(model) == ["retrofit.layers.decoder.DecoderLayer"]
-    assert distributed.mark_sleep_blocks_as_zero3_leaves(fake_accelerator(2), model) == []  # deepspeed not imported
-    marked = []
-    utils = SimpleNamespace(set_z3_leaf_modules=lambda m, classes: marked.append((m, classes)))
-    monkeypatch.setitem(sys.modules, "deepspeed", SimpleNamespace(utils=utils))
-    monkeypatch.setitem(sys.modules, "deepspeed.utils", utils)
-    names = distributed.mark_sleep_blocks_as_zero3_leaves(fake_accelerator(3), model)
-    assert marked == [(model, names)] and names == ["retrofit.layers.decoder.DecoderLayer"]
 
 
 def test_under_deepspeed_every_process_gathers_and_only_the_main_one_keeps_the_weights():

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from retrofit.ops import gated_delta_rule, gated_rms_norm, ops_backend, short_conv
+from retrofit.ops import gated_delta_rule, gated_rms_norm, ops_backend, short_conv, training_kernels
 from retrofit.ops.gated_delta_rule import l2norm
 from retrofit.ops.naive import naive_gated_delta_rule, naive_gated_rms_norm, naive_short_conv
 
@@ -313,3 +316,26 @@ def test_short_conv_skips_padding_exactly(pattern):
         y_ref, final_ref = naive_short_conv(real, weight, initial_state=state[b : b + 1])
         torch.testing.assert_close(y[b, valid[b]], y_ref[0], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(final[b], final_ref[0], rtol=1e-12, atol=1e-12)
+
+
+def test_only_calls_no_backward_will_see_take_the_fused_recurrent_kernel(monkeypatch):
+    """Which fla entry point `gated_delta_rule` picks (a fake fla records it): short no-grad calls the fused recurrent
+    kernel; with gradients, or inside `training_kernels()` (a checkpointed forward), the chunk kernel."""
+    module = importlib.import_module("retrofit.ops.gated_delta_rule")  # the module, not the function it exports
+    calls = []
+    fake = SimpleNamespace(
+        fused_recurrent_gated_delta_rule=lambda **kw: calls.append("fused") or (kw["v"], None),
+        chunk_gated_delta_rule=lambda **kw: calls.append("chunk") or (kw["v"], None),
+    )
+    monkeypatch.setattr(module, "select_fla_module", lambda tensor, name: fake)
+    q, k, v = torch.randn(1, 3, 1, 4), torch.randn(1, 3, 1, 4), torch.randn(1, 3, 1, 4, requires_grad=True)
+    g, beta = -torch.rand(1, 3, 1), torch.rand(1, 3, 1)
+    with torch.no_grad():
+        gated_delta_rule(q, k, v, g, beta)
+        with training_kernels():
+            gated_delta_rule(q, k, v, g, beta)
+    gated_delta_rule(q, k, v, g, beta)
+    with torch.no_grad():
+        gated_delta_rule(q.repeat(1, 30, 1, 1), k.repeat(1, 30, 1, 1), v.repeat(1, 30, 1, 1), g.repeat(1, 30, 1),
+                         beta.repeat(1, 30, 1))  # fmt: skip
+    assert calls == ["fused", "chunk", "chunk", "chunk"]  # 90 tokens: too long for the recurrent kernel

@@ -13,9 +13,12 @@ imported lazily, on first use, and the result (module or failure) is cached.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import os
 import warnings
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
@@ -102,8 +105,24 @@ def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
     return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + eps)
 
 
-def _needs_grad(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+_training_kernels: contextvars.ContextVar[bool] = contextvars.ContextVar("retrofit_training_kernels", default=False)
+
+
+@contextlib.contextmanager
+def training_kernels() -> Iterator[None]:
+    """Within it, calls without gradients take the kernels that calls with gradients take (no inference shortcut),
+    so a no-grad forward that a checkpoint recomputes in backward computes the function backward differentiates."""
+    token = _training_kernels.set(True)
+    try:
+        yield
+    finally:
+        _training_kernels.reset(token)
+
+
+def _inference_only(*tensors: Tensor | None) -> bool:
+    """A call no backward will see: no gradients, and not the forward of a recomputed checkpoint."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return not needs_grad and not _training_kernels.get()
 
 
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial_state: Tensor | None) -> None:
@@ -161,7 +180,7 @@ def gated_delta_rule(
             "q": q, "k": k, "v": v, "g": g, "beta": beta, "scale": scale, "initial_state": initial_state,
             "output_final_state": output_final_state, "use_qk_l2norm_in_kernel": use_qk_l2norm,
         }  # fmt: skip
-        if q.shape[1] <= _FLA_RECURRENT_MAX_T and not _needs_grad(q, k, v, g, beta, initial_state):
+        if q.shape[1] <= _FLA_RECURRENT_MAX_T and _inference_only(q, k, v, g, beta, initial_state):
             # Decoding and other short inference calls: one fused kernel walks the tokens (what fla's own layers
             # do for q_len <= 64 outside training); the chunk path launches a dozen kernels for a few tokens.
             # It has no backward, hence only without gradients.

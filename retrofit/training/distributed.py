@@ -18,16 +18,16 @@ longest one (padding changes no loss or gradient; `SleepConfig`'s padding contra
 collective could pair wrongly, a batch whose chunks with loss tokens still differ between processes.
 
 ZeRO-3 leaf modules, and why they stay off by default. A leaf module is gathered whole when called, with no hooks
-on its submodules: one all-gather per block call instead of one per projection, norm and convolution.
-`mark_sleep_blocks_as_zero3_leaves` marks the classes of the sleep blocks (all blocks: the prelude and coda share
-the loop range's classes). DeepSpeed 0.19 reduces a leaf's gradients in the leaf's module backward hook, which fires
-once per call, and sleep calls a looped block N x chunks times per backward: reductions then run before all of a
-weight's uses have added their gradient, and ZeRO-3's count of expected hooks assumes one per leaf. Leaves were
-made for MoE experts, called at most once per forward. So the default relies instead on `zero3.json`'s
-`stage3_max_reuse_distance` and `stage3_max_live_parameters` (1e9 elements each), which keep the loop range's
-weights gathered from one pass to the next once the module order repeats between steps; a per-parameter gradient
-hook fires once per backward however often the weight was used. `benchmarks/distributed.py` runs ZeRO-3 with and
-without leaves against one GPU; call the marking only where those losses agree.
+on its submodules: one all-gather per block call instead of one per projection, norm and convolution
+(`sleep_block_class_names` gives the classes to name in the DeepSpeed config's `zero_optimization.leaf_module`;
+the prelude and coda share the loop range's classes). DeepSpeed 0.19 reduces a leaf's gradients in the leaf's
+module backward hook, which fires once per call, and sleep calls a looped block N x chunks times per backward:
+reductions then run before all of a weight's uses have added their gradient, and ZeRO-3's count of expected hooks
+assumes one per leaf. Leaves were made for MoE experts, called at most once per forward. So the default relies
+instead on `zero3.json`'s `stage3_max_reuse_distance` and `stage3_max_live_parameters` (1e9 elements each), which
+keep the loop range's weights gathered from one pass to the next once the module order repeats between steps; a
+per-parameter gradient hook fires once per backward however often the weight was used. `benchmarks/distributed.py`
+runs ZeRO-3 with and without leaves against one GPU; turn leaves on only where those losses agree.
 
 Muon under ZeRO is refused (`retrofit.launch`); under DDP it runs unchanged.
 """
@@ -157,21 +157,6 @@ def sleep_block_class_names(model: nn.Module) -> list[str]:
     """Fully qualified class names of the blocks the sleep engine calls, in order of first appearance."""
     names = [f"{type(b).__module__}.{type(b).__qualname__}" for b in model.get_sleep_adapter().blocks]
     return list(dict.fromkeys(names))
-
-
-def mark_sleep_blocks_as_zero3_leaves(accelerator: Accelerator, model: nn.Module) -> list[str]:
-    """Under ZeRO-3, make every sleep block a ZeRO-3 leaf (`deepspeed.utils.set_z3_leaf_modules`); call it on the
-    unprepared model. Returns the marked class names; elsewhere does nothing and returns `[]`.
-
-    Off by default; the module docstring says why and when to call it.
-    """
-    if zero_stage(accelerator) != 3:
-        return []
-    from deepspeed.utils import set_z3_leaf_modules
-
-    names = sleep_block_class_names(model)
-    set_z3_leaf_modules(model, names)
-    return names
 
 
 def gather_state_dict(accelerator: Accelerator, model: nn.Module) -> dict[str, Tensor] | None:

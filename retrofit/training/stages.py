@@ -19,7 +19,7 @@ from collections.abc import Collection, Iterable, Sequence
 
 from torch import nn
 
-from retrofit.apply import apply_sleep
+from retrofit.apply import apply_sleep, transformers_model
 from retrofit.recipes import RecipeError, ResolvedStage
 
 
@@ -29,12 +29,6 @@ def stage_at(stages: Sequence[ResolvedStage], step: int) -> ResolvedStage:
         if step < stage.stop:
             return stage
     return stages[-1]
-
-
-def transformers_model(model: nn.Module) -> nn.Module:
-    """The transformers model whose parameter names patterns match: the model under a PEFT wrapper, or itself."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def trainable_names(model: nn.Module) -> list[str]:

@@ -56,7 +56,8 @@ EVAL_DIR = "eval"
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or the gradient norm stopped being finite; the run stopped before stepping on it."""
+    """The loss or the gradient norm stopped being finite; the run stopped (before stepping on it, except under
+    DeepSpeed, which steps inside the backward)."""
 
 
 def make_accelerator(recipe: Recipe, *, trackers: bool) -> Accelerator:
@@ -72,7 +73,9 @@ def make_accelerator(recipe: Recipe, *, trackers: bool) -> Accelerator:
         mixed_precision="bf16" if precision == "bf16" else "no",
         log_with=recipe.train.log_with if trackers else None,
         project_dir=recipe.output_dir,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=recipe.stages is not None)],
+        # DDP must expect parameters without a gradient: a stage freezes some, and a sleeping forward never reads
+        # others (Ouro's early-exit gate). The cost is one walk of the autograd graph per backward.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
 
 
