@@ -121,13 +121,16 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from retrofit.launch import check_launch
+    from retrofit.launch import check_launch, plan_launch
     from retrofit.recipes import load_recipe, resolve
     from retrofit.training.trainer import dry_run
 
     loaded = load_recipe(args.recipe, args.overrides)
+    launch = loaded.recipe.launch
     with loaded.attributing_errors():
         check_launch(loaded.recipe)
+        if launch is not None and launch.num_processes:  # the batch must split over the processes it names
+            plan_launch(loaded.recipe, visible_gpus=0)
         resolved = resolve(loaded.recipe)
         report = dry_run(loaded) if args.dry_run else None
     recipe = loaded.recipe

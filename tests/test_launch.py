@@ -296,7 +296,9 @@ def test_bad_modes_and_combinations_are_refused_naming_the_key(tmp_path, capsys,
     assert not (tmp_path / "r-out").exists()  # nothing written, nothing launched
 
 
-@pytest.mark.parametrize("name", ["muon under zero3", "pass checkpointing under zero2"])
+@pytest.mark.parametrize(
+    "name", ["muon under zero3", "pass checkpointing under zero2", "global batch not split by the processes"]
+)
 def test_validate_refuses_the_same_combinations(tmp_path, capsys, name):
     sections, overrides, key, _ = REFUSED[name]
     argv = [x for o in overrides for x in ("--set", o)]
