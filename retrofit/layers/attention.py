@@ -73,10 +73,12 @@ class Attention(nn.Module):
         mask = None
         if not plain_causal:
             mask = attention_mask(keys, chunk, window)
-            if grouped:
+            if grouped and length > 1:
                 # SDPA's memory-efficient kernel takes a mask but not `enable_gqa`; with both, torch falls back
                 # to the math kernel, which materialises [B, H, C, R] scores (slow, and 24 GiB at C = R = 32K).
                 # Repeating the KV heads keeps masked attention (sliding windows, retained KV) on a fused kernel.
+                # A single query (decoding) stays grouped: its scores are [B, H, 1, R], and a copy of the whole
+                # KV window per token would cost more than it saves.
                 repeats = self.num_heads // self.num_kv_heads
                 keys_, values = keys_.repeat_interleave(repeats, 1), values.repeat_interleave(repeats, 1)
                 grouped = False
