@@ -23,6 +23,7 @@ from retrofit.recipes import RecipeError
 from retrofit.recipes.schema import EvalSection
 from retrofit.tasks import Task
 from retrofit.training.data import collate
+from retrofit.training.distributed import zero_stage
 
 METRIC = "exact match of all supervised tokens (greedy argmax, one forward pass)"
 
@@ -89,12 +90,18 @@ def evaluate(
     batch_size: int,
     accelerator: Accelerator,
 ) -> EvalResult:
-    """Evaluate `model` on `dataset`; each process takes every N-th example and the counts are summed."""
+    """Evaluate `model` on `dataset`; each process takes every N-th example and the counts are summed.
+
+    Under DeepSpeed ZeRO-3 every process evaluates the whole set instead: its all-gathers pair up by the order of
+    module calls, so processes with different batches (or a different number of them) would deadlock.
+    """
     difficulties = sorted(set(dataset["difficulty"]))
     slot = {d: i for i, d in enumerate(difficulties)}
     # Per bucket: examples, correct, summed token loss, supervised tokens.
     sums = torch.zeros(len(difficulties), 4, dtype=torch.float64, device=accelerator.device)
-    shard = dataset.select(range(accelerator.process_index, len(dataset), accelerator.num_processes))
+    replicated = zero_stage(accelerator) == 3
+    rank, world = accelerator.process_index, accelerator.num_processes
+    shard = dataset if replicated else dataset.select(range(rank, len(dataset), world))
     was_training = model.training
     model.eval()
     for start in range(0, len(shard), batch_size):
@@ -112,7 +119,7 @@ def evaluate(
         index = torch.tensor([slot[d] for d in rows["difficulty"]], device=accelerator.device)
         sums.index_add_(0, index, per_example)
     model.train(was_training)
-    sums = accelerator.reduce(sums, reduction="sum").cpu()
+    sums = (sums if replicated else accelerator.reduce(sums, reduction="sum")).cpu()
     buckets = [
         Bucket(d, int(n), int(c), float(c / max(n, 1)), float(loss / max(tokens, 1)))
         for d, (n, c, loss, tokens) in zip(difficulties, sums.tolist(), strict=True)

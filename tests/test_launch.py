@@ -21,6 +21,7 @@ from accelerate.utils import DistributedType
 from transformers import AutoModelForCausalLM
 
 from retrofit.cli import main
+from retrofit.evaluation import evaluate, load_eval_set
 from retrofit.launch import (
     DEEPSPEED_CONFIG_FILE,
     LAUNCH_MODES,
@@ -33,6 +34,7 @@ from retrofit.launch import (
     plan_launch,
 )
 from retrofit.recipes import RecipeError, load_recipe, resolve
+from retrofit.recipes.schema import EvalSection
 from retrofit.training import distributed
 from retrofit.training.build import build_model
 from retrofit.training.checkpoint import save_model_files
@@ -521,3 +523,18 @@ def test_benchmark_dry_run_writes_valid_recipes_configs_and_commands(tmp_path):
     leaf = json.loads((tmp_path / "runs" / "tiny-zero3_leaf" / "out" / DEEPSPEED_CONFIG_FILE).read_text())
     assert leaf["zero_optimization"]["leaf_module"] == {"classes": ["retrofit.layers.decoder.DecoderLayer"]}
     assert "--resume" in plan["tiny/zero3_resume"]["command"]
+
+
+def test_under_zero3_every_process_evaluates_the_whole_set_and_skips_the_reduction(tiny):
+    model, _, resolved = tiny
+    dataset = load_eval_set(EvalSection(source="generated", num_per_difficulty=3), resolved.eval_task)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a ZeRO-3 evaluation must not reduce: every process already counted every example")
+
+    counts = {}
+    for stage, reduce in ((3, refuse), (None, lambda sums, reduction: sums)):
+        accelerator = fake_accelerator(stage, process_index=1, reduce=reduce)
+        result = evaluate(model, dataset, task=resolved.eval_task, step=0, batch_size=4, accelerator=accelerator)
+        counts[stage] = sum(bucket.examples for bucket in result.buckets)
+    assert counts == {3: len(dataset), None: len(dataset) // 2}  # DDP: process 1 of 2 takes every other example
