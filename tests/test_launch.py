@@ -36,7 +36,7 @@ from retrofit.launch import (
 from retrofit.recipes import RecipeError, load_recipe, resolve
 from retrofit.recipes.schema import EvalSection
 from retrofit.training import distributed
-from retrofit.training.build import build_model
+from retrofit.training.build import build_model, full_numel
 from retrofit.training.checkpoint import save_model_files
 from retrofit.training.data import micro_batch
 
@@ -538,3 +538,9 @@ def test_under_zero3_every_process_evaluates_the_whole_set_and_skips_the_reducti
         result = evaluate(model, dataset, task=resolved.eval_task, step=0, batch_size=4, accelerator=accelerator)
         counts[stage] = sum(bucket.examples for bucket in result.buckets)
     assert counts == {3: len(dataset), None: len(dataset) // 2}  # DDP: process 1 of 2 takes every other example
+
+
+def test_sizes_are_counted_from_zero3_shards_too():
+    shard = torch.nn.Parameter(torch.empty(0))
+    shard.ds_numel = 12  # what DeepSpeed ZeRO-3 records on a partitioned parameter
+    assert full_numel(shard) == 12 and full_numel(torch.nn.Parameter(torch.ones(3, 4))) == 12

@@ -57,6 +57,11 @@ def _with_adapter(model: PreTrainedModel, resolved: ResolvedRecipe) -> nn.Module
     return wrapped
 
 
+def full_numel(parameter: nn.Parameter) -> int:
+    """A parameter's size, also under DeepSpeed ZeRO-3, where the tensor itself is an empty shard (`ds_numel`)."""
+    return getattr(parameter, "ds_numel", parameter.numel())
+
+
 @dataclass(frozen=True)
 class ModelSummary:
     """Sizes a user checks before a long run."""
@@ -70,9 +75,9 @@ class ModelSummary:
     def of(cls, model: nn.Module) -> ModelSummary:
         matrices, _ = split_parameters(model)
         return cls(
-            parameters=sum(p.numel() for p in model.parameters()),
-            trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
-            muon_parameters=sum(p.numel() for p in matrices),
+            parameters=sum(full_numel(p) for p in model.parameters()),
+            trainable=sum(full_numel(p) for p in model.parameters() if p.requires_grad),
+            muon_parameters=sum(full_numel(p) for p in matrices),
             blocks=len(model.get_sleep_adapter().blocks),
         )
 

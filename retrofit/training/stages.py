@@ -21,6 +21,7 @@ from torch import nn
 
 from retrofit.apply import apply_sleep, transformers_model
 from retrofit.recipes import RecipeError, ResolvedStage
+from retrofit.training.build import full_numel
 
 
 def stage_at(stages: Sequence[ResolvedStage], step: int) -> ResolvedStage:
@@ -79,7 +80,7 @@ def enter_stage(model: nn.Module, stage: ResolvedStage, candidates: Collection[s
 def describe_stage(stages: Sequence[ResolvedStage], stage: ResolvedStage, model: nn.Module) -> str:
     """One line a user reads at a stage boundary: which stage, its steps, what trains now, how it sleeps."""
     sleep = stage.sleep
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
     return (
         f"stage {stages.index(stage) + 1}/{len(stages)} {stage.name}: steps {stage.start + 1}-{stage.stop}, "
         f"{trainable:,} trainable parameters ({', '.join(stage.trainable)}), L={sleep.window}, N={sleep.passes}, "
