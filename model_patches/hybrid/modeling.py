@@ -7,9 +7,8 @@ from transformers import GenerationMixin, PreTrainedModel
 
 from model_patches.hybrid.configuration import SleepHybridConfig
 from retrofit.layers.attention import Attention
-from retrofit.layers.decoder import DecoderLayer
+from retrofit.layers.decoder import swiglu_decoder_layers
 from retrofit.layers.gated_deltanet import GatedDeltaNet, init_delta_rule_parameters
-from retrofit.layers.mlp import SwiGLU
 from retrofit.layers.norm import RMSNorm
 from retrofit.layers.rope import RotaryEmbedding
 from retrofit.modeling import SleepCausalLMMixin
@@ -47,15 +46,8 @@ class SleepHybridModel(SleepHybridPreTrainedModel):
         super().__init__(config)
         config.validate_architecture()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList(
-            DecoderLayer(
-                _mixer(config, t),
-                config.hidden_size,
-                SwiGLU(config.hidden_size, config.intermediate_size),
-                config.rms_norm_eps,
-            )
-            for t in config.layer_types
-        )
+        mixers = (_mixer(config, t) for t in config.layer_types)
+        self.layers = swiglu_decoder_layers(mixers, config.hidden_size, config.intermediate_size, config.rms_norm_eps)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.post_init()

@@ -18,9 +18,8 @@ from transformers import initialization as init
 from model_patches.jet_nemotron.configuration import JetNemotronConfig
 from model_patches.jet_nemotron.jet_block import DynamicShortConvolution, JetBlock
 from retrofit.layers.attention import Attention
-from retrofit.layers.decoder import DecoderLayer
+from retrofit.layers.decoder import swiglu_decoder_layers
 from retrofit.layers.gated_deltanet import init_delta_rule_parameters
-from retrofit.layers.mlp import SwiGLU
 from retrofit.layers.norm import RMSNorm
 from retrofit.layers.rope import RotaryEmbedding
 from retrofit.modeling import SleepCausalLMMixin
@@ -60,15 +59,8 @@ class JetNemotronModel(JetNemotronPreTrainedModel):
     def __init__(self, config: JetNemotronConfig) -> None:
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList(
-            DecoderLayer(
-                _mixer(config, layer_type),
-                config.hidden_size,
-                SwiGLU(config.hidden_size, config.intermediate_size),
-                config.rms_norm_eps,
-            )
-            for layer_type in config.layer_types
-        )
+        mixers = (_mixer(config, layer_type) for layer_type in config.layer_types)
+        self.layers = swiglu_decoder_layers(mixers, config.hidden_size, config.intermediate_size, config.rms_norm_eps)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_parameters["rope_theta"])
         self.post_init()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from torch import Tensor, nn
 
 from retrofit.blocks import BlockState, Chunk, KVWindow
+from retrofit.layers.mlp import SwiGLU
 from retrofit.layers.norm import RMSNorm
 
 
@@ -31,3 +34,12 @@ class DecoderLayer(nn.Module):
         if self.mlp is not None:
             h = h + self.mlp(self.post_attention_layernorm(h))
         return h, state, kv_out
+
+
+def swiglu_decoder_layers(
+    mixers: Iterable[nn.Module], hidden_size: int, intermediate_size: int, eps: float
+) -> nn.ModuleList:
+    """One pre-norm block per mixer, each with a SwiGLU MLP: the stack of the hybrid and Jet-Nemotron families."""
+    return nn.ModuleList(
+        DecoderLayer(mixer, hidden_size, SwiGLU(hidden_size, intermediate_size), eps) for mixer in mixers
+    )
