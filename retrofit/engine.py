@@ -89,6 +89,20 @@ def next_token_targets(labels: Tensor, valid: Tensor | None = None) -> Tensor:
     return targets if valid is None else targets.masked_fill(~valid, IGNORE_INDEX)
 
 
+def chunk_bounds(length: int, window: int) -> list[tuple[int, int]]:
+    """`[start, stop)` of each chunk of `window` tokens in a sequence of `length` tokens."""
+    return [(s, min(s + window, length)) for s in range(0, length, window)]
+
+
+def chunks_with_loss(targets: Tensor | None, bounds: Sequence[tuple[int, int]]) -> Tensor:
+    """`[chunks]` bool: whether each chunk holds a loss token, which decides its wake/sleep plan (and so which
+    modules run: under ZeRO-3 every process must agree on it)."""
+    if targets is None:
+        return torch.zeros(len(bounds), dtype=torch.bool)
+    supervised = targets != IGNORE_INDEX
+    return torch.stack([supervised[:, s:e].any() for s, e in bounds])
+
+
 def _detach_states(states: States) -> States:
     return [s.detach() if s is not None else None for s in states]
 
@@ -133,8 +147,8 @@ class SleepEngine:
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         positions = sequence_positions(valid, cfg.positions, cfg.window)
         targets = next_token_targets(labels, valid) if labels is not None else None
-        bounds = [(s, min(s + cfg.window, length)) for s in range(0, length, cfg.window)]
-        chunk_has_loss = self._chunk_has_loss(targets, bounds)
+        bounds = chunk_bounds(length, cfg.window)
+        chunk_has_loss = chunks_with_loss(targets, bounds).tolist()
         padded = self._chunk_padded(valid, bounds)
 
         states: States = [None] * len(self.adapter.blocks)
@@ -327,13 +341,6 @@ class SleepEngine:
         chunk_positions = positions[:, s:e]
         rope = self.adapter.rope(chunk_positions)
         return Chunk(s, chunk_positions, valid[:, s:e], rope, self._eviction_window(), padded)
-
-    @staticmethod
-    def _chunk_has_loss(targets: Tensor | None, bounds: Sequence[tuple[int, int]]) -> list[bool]:
-        if targets is None:
-            return [False] * len(bounds)
-        supervised = targets != IGNORE_INDEX
-        return torch.stack([supervised[:, s:e].any() for s, e in bounds]).tolist()
 
     @staticmethod
     def _chunk_padded(valid: Tensor, bounds: Sequence[tuple[int, int]]) -> list[bool]:

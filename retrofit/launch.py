@@ -49,6 +49,7 @@ from typing import Any, get_args
 
 from retrofit.recipes import LoadedRecipe, Recipe, RecipeError
 from retrofit.recipes.schema import LaunchMode
+from retrofit.training.data import accumulation_steps
 
 LAUNCH_MODES: tuple[str, ...] = get_args(LaunchMode)
 ZERO_MODES = ("zero2", "zero3")
@@ -136,8 +137,6 @@ def deepspeed_values(recipe: Recipe, num_processes: int) -> dict[str, Any]:
 
     Raises `RecipeError` (`train.batch_size`) when the global batch does not split into micro-batches x processes.
     """
-    from retrofit.training.trainer import accumulation_steps
-
     accumulation = accumulation_steps(recipe, num_processes)
     return {
         "train_batch_size": recipe.micro_batch_size * accumulation * num_processes,
@@ -277,7 +276,7 @@ def launch_train(
     import torch
 
     from retrofit.recipes import resolve
-    from retrofit.training.trainer import resume_point
+    from retrofit.training.checkpoint import resume_point  # imports this module: import it when called
 
     recipe = loaded.recipe
     resolve(recipe)  # task, sleep, stages and model config: refused here once, not by every process

@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from retrofit.lora import ADAPTER_WEIGHTS_FILE, is_adapter_dir, load_adapter, save_adapter
+from retrofit.recipes import RecipeError
 from retrofit.training.distributed import gather_state_dict
 
 CHECKPOINTS = "checkpoints"
@@ -208,3 +209,30 @@ def _fsync_tree(root: Path) -> None:
         if path.is_file():
             with path.open("rb") as f:
                 os.fsync(f.fileno())
+
+
+def resume_point(resume: str | None, output_dir: Path, *, overwrite: bool) -> Path | None:
+    """The checkpoint to resume from (`auto`: the latest in output_dir, if any).
+
+    Without `--resume`, an output_dir that already has checkpoints is an error unless `overwrite` is set.
+    """
+    existing = list_checkpoints(output_dir)
+    if resume == "auto":
+        return existing[-1] if existing else None
+    if resume is not None:
+        path = Path(resume)
+        if path not in existing and not (path / "trainer_state.json").is_file():
+            raise RecipeError(
+                "",
+                f"--resume {resume}: not a checkpoint (no trainer_state.json); use a "
+                f"{CHECKPOINTS}/step_* folder or --resume auto",
+                "command line",
+            )
+        return path
+    if existing and not overwrite:
+        raise RecipeError(
+            "output_dir",
+            f"{output_dir} already has checkpoints; continue with --resume auto, "
+            "start over with --overwrite, or pick another --set output_dir=...",
+        )
+    return None

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from retrofit.recipes import Recipe, RecipeError
 from retrofit.tasks import IGNORE_INDEX, Example, Task
 
 
@@ -47,3 +48,15 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, Tensor]
         "attention_mask": pad("attention_mask", 0),
         "labels": pad("labels", IGNORE_INDEX),
     }
+
+
+def accumulation_steps(recipe: Recipe, num_processes: int) -> int:
+    """Micro-steps per optimizer step so that micro-batches x processes x steps = the global batch."""
+    per_step = recipe.micro_batch_size * num_processes
+    if recipe.train.batch_size % per_step:
+        raise RecipeError(
+            "train.batch_size",
+            f"{recipe.train.batch_size} is not a multiple of micro_batch_size x processes = "
+            f"{recipe.micro_batch_size} x {num_processes}; change train.micro_batch_size",
+        )
+    return recipe.train.batch_size // per_step

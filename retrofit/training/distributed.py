@@ -42,7 +42,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import Tensor, nn
 
-from retrofit.engine import next_token_targets
+from retrofit.engine import chunk_bounds, next_token_targets
+from retrofit.engine import chunks_with_loss as chunks_with_loss_in
 from retrofit.launch import check_launch, deepspeed_values, fill_deepspeed_config
 from retrofit.recipes import Recipe, RecipeError
 from retrofit.tasks import IGNORE_INDEX
@@ -140,8 +141,7 @@ def align_sleep_plan(
 def chunks_with_loss(batch: dict[str, Tensor], window: int) -> Tensor:
     """`[chunks]` int64: 1 where a chunk of `window` tokens has a loss token (the sleep engine's per-chunk plan)."""
     targets = next_token_targets(batch["labels"], batch["attention_mask"].bool())
-    supervised = targets != IGNORE_INDEX
-    return torch.stack([supervised[:, s : s + window].any() for s in range(0, targets.shape[1], window)]).long()
+    return chunks_with_loss_in(targets, chunk_bounds(targets.shape[1], window)).long()
 
 
 def pad_batch(batch: dict[str, Tensor], length: int, pad_token_id: int) -> dict[str, Tensor]:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from retrofit.evaluation import EvalResult, evaluate, format_table, load_eval_set, load_result, write_report
 from retrofit.optim import build_optimizer, build_scheduler
-from retrofit.recipes import LoadedRecipe, Recipe, RecipeError, ResolvedRecipe, ResolvedStage, dump_recipe, resolve
+from retrofit.recipes import LoadedRecipe, Recipe, ResolvedRecipe, ResolvedStage, dump_recipe, resolve
 from retrofit.training.build import ModelSummary, build_model, describe_passes
 from retrofit.training.checkpoint import (
     ADAPTER_DIR,
@@ -39,10 +39,11 @@ from retrofit.training.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     register_model_hooks,
+    resume_point,
     save_checkpoint,
     save_model_files,
 )
-from retrofit.training.data import micro_batch, micro_batch_indices
+from retrofit.training.data import accumulation_steps, micro_batch, micro_batch_indices
 from retrofit.training.distributed import (
     align_sleep_plan,
     configure_distributed,
@@ -77,45 +78,6 @@ def make_accelerator(recipe: Recipe, *, trackers: bool) -> Accelerator:
         # others (Ouro's early-exit gate). The cost is one walk of the autograd graph per backward.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
-
-
-def accumulation_steps(recipe: Recipe, num_processes: int) -> int:
-    """Micro-steps per optimizer step so that micro-batches x processes x steps = the global batch."""
-    per_step = recipe.micro_batch_size * num_processes
-    if recipe.train.batch_size % per_step:
-        raise RecipeError(
-            "train.batch_size",
-            f"{recipe.train.batch_size} is not a multiple of micro_batch_size x processes = "
-            f"{recipe.micro_batch_size} x {num_processes}; change train.micro_batch_size",
-        )
-    return recipe.train.batch_size // per_step
-
-
-def resume_point(resume: str | None, output_dir: Path, *, overwrite: bool) -> Path | None:
-    """The checkpoint to resume from (`auto`: the latest in output_dir, if any).
-
-    Without `--resume`, an output_dir that already has checkpoints is an error unless `overwrite` is set.
-    """
-    existing = list_checkpoints(output_dir)
-    if resume == "auto":
-        return existing[-1] if existing else None
-    if resume is not None:
-        path = Path(resume)
-        if path not in existing and not (path / "trainer_state.json").is_file():
-            raise RecipeError(
-                "",
-                f"--resume {resume}: not a checkpoint (no trainer_state.json); use a "
-                f"{CHECKPOINTS}/step_* folder or --resume auto",
-                "command line",
-            )
-        return path
-    if existing and not overwrite:
-        raise RecipeError(
-            "output_dir",
-            f"{output_dir} already has checkpoints; continue with --resume auto, "
-            "start over with --overwrite, or pick another --set output_dir=...",
-        )
-    return None
 
 
 def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = False) -> EvalResult:
