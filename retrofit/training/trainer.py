@@ -61,6 +61,18 @@ class TrainingDiverged(RuntimeError):
     DeepSpeed, which steps inside the backward)."""
 
 
+def diverged(
+    step: int, loss: float, grad_norm: float, last_checkpoint: Path | None, *, stepped: bool
+) -> TrainingDiverged:
+    """The error a run stops with when step `step` (1-based) is not finite; `stepped`: DeepSpeed already took it."""
+    kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved"
+    stopped = "stopped after DeepSpeed took that step" if stepped else "stopped before that step"
+    return TrainingDiverged(
+        f"training diverged at step {step}: loss {loss}, grad norm {grad_norm}; {stopped}, {kept}. "
+        "Lower the learning rates or add warmup, then --resume auto"
+    )
+
+
 def make_accelerator(recipe: Recipe, *, trackers: bool) -> Accelerator:
     """bf16 autocast on GPU (or when asked), fp32 on CPU; trackers write under the output dir.
 
@@ -170,17 +182,8 @@ def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = 
         if not math.isfinite(loss_value) or (norm is not None and not math.isfinite(grad_norm)):
             progress.close()
             accelerator.end_training()
-            kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved"
-            # DeepSpeed has already stepped inside the last backward; everywhere else the step is not taken.
-            stopped = (
-                "stopped after DeepSpeed took that step"
-                if zero_stage(accelerator) is not None
-                else "stopped before that step"
-            )
-            raise TrainingDiverged(
-                f"training diverged at step {step + 1}: loss {loss_value}, grad norm {grad_norm}; {stopped}, "
-                f"{kept}. Lower the learning rates or add warmup, then --resume auto"
-            )
+            stepped = zero_stage(accelerator) is not None
+            raise diverged(step + 1, loss_value, grad_norm, last_checkpoint, stepped=stepped)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
