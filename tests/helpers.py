@@ -135,3 +135,28 @@ def timed_gpu_training_step(model: torch.nn.Module, ids: Tensor, labels: Tensor)
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
     return loss.detach(), elapsed, torch.cuda.max_memory_allocated() / 2**30
+
+
+def minimal_recipe(**changes) -> dict:
+    """A small valid recipe as a dict, with top-level sections replaced or merged by `changes`."""
+    data = {
+        "output_dir": "runs/test",
+        "task": {"name": "rule110", "options": {"steps_choices": [1, 2]}},
+        "model": {
+            "config": {
+                "hidden_size": 16,
+                "intermediate_size": 32,
+                "num_attention_heads": 2,
+                "linear_num_heads": 2,
+                "linear_head_dim": 8,
+            }
+        },
+        "sleep": {"window": 24, "passes": 2},
+        "train": {"max_steps": 2, "batch_size": 4},
+    }
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return data

@@ -39,30 +39,23 @@ from retrofit.training import distributed
 from retrofit.training.build import build_model, full_numel
 from retrofit.training.checkpoint import save_model_files
 from retrofit.training.data import micro_batch
+from tests.helpers import minimal_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def recipe_file(tmp_path: Path, name: str = "r", **sections) -> Path:
     """A tiny Rule 110 recipe (global batch 16, micro-batch 2, AdamW) with top-level sections replaced."""
-    data = {
-        "output_dir": str(tmp_path / f"{name}-out"),
-        "task": {"name": "rule110", "options": {"steps_choices": [1, 2]}},
-        "model": {
-            "config": {
-                "hidden_size": 16,
-                "intermediate_size": 32,
-                "num_attention_heads": 2,
-                "linear_num_heads": 2,
-                "linear_head_dim": 8,
-            }
-        },
-        "sleep": {"window": 24, "passes": 2, "sleep_on": "context_only"},
-        "optimizer": {"name": "adamw"},
-        "train": {"max_steps": 2, "batch_size": 16, "micro_batch_size": 2, "log_with": []},
-        "eval": {"source": "generated", "num_per_difficulty": 2, "batch_size": 4},
-        **sections,
-    }
+    data = (
+        minimal_recipe(
+            output_dir=str(tmp_path / f"{name}-out"),
+            sleep={"window": 24, "passes": 2, "sleep_on": "context_only"},
+            optimizer={"name": "adamw"},
+            train={"max_steps": 2, "batch_size": 16, "micro_batch_size": 2, "log_with": []},
+            eval={"source": "generated", "num_per_difficulty": 2, "batch_size": 4},
+        )
+        | sections
+    )  # the sections given replace whole sections
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from retrofit.cli import main
 from retrofit.recipes import RecipeError, load_recipe, resolve
+from tests.helpers import minimal_recipe as minimal
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (REPO / "recipes").glob("*.yaml"))
@@ -33,31 +34,6 @@ SMALL_MODEL = [
 def write(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
-
-
-def minimal(**changes) -> dict:
-    """A small valid recipe as a dict, with top-level sections replaced or merged by `changes`."""
-    data = {
-        "output_dir": "runs/test",
-        "task": {"name": "rule110", "options": {"steps_choices": [1, 2]}},
-        "model": {
-            "config": {
-                "hidden_size": 16,
-                "intermediate_size": 32,
-                "num_attention_heads": 2,
-                "linear_num_heads": 2,
-                "linear_head_dim": 8,
-            }
-        },
-        "sleep": {"window": 24, "passes": 2},
-        "train": {"max_steps": 2, "batch_size": 4},
-    }
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
-            data[key] = {**data[key], **value}
-        else:
-            data[key] = value
-    return data
 
 
 # ---------------------------------------------------------------------------------------------- loading
