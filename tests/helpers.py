@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 import retrofit
 from model_patches.hybrid import SleepHybridConfig
 from retrofit.blocks import KVWindow, join_windows
-from retrofit.engine import SleepEngine, sequence_positions
+from retrofit.engine import EngineOutput, SleepEngine, sequence_positions
 
 RULE110_PATTERN = ("full_attention", "linear_attention", "full_attention", "linear_attention")
 
@@ -160,3 +160,19 @@ def minimal_recipe(**changes) -> dict:
         else:
             data[key] = value
     return data
+
+
+def left_padding_runs(engine: SleepEngine, vocab_size: int, windows: int = 2) -> tuple[EngineOutput, EngineOutput]:
+    """The engine's output on one random row with labels, and on the same row left-padded by `windows` whole
+    windows (pad id 3, masked, unsupervised): what the families' padding-invariance tests compare."""
+    ids, labels = random_batch(1, 10, vocab_size)
+    left = windows * engine.config.window
+    mask = torch.cat([torch.zeros(1, left, dtype=torch.long), torch.ones_like(ids)], dim=1)
+    with torch.no_grad():
+        reference = engine.forward(ids, labels=labels)
+        padded = engine.forward(
+            torch.cat([torch.full((1, left), 3), ids], dim=1),
+            attention_mask=mask,
+            labels=torch.cat([torch.full((1, left), -100), labels], dim=1),
+        )
+    return reference, padded

@@ -22,7 +22,7 @@ from retrofit import SleepConfig, SleepEngine, apply_sleep
 from retrofit.blocks import Chunk, LinearState
 from retrofit.ops.naive import naive_gated_delta_rule
 from retrofit.ops.naive_dynamic_conv import naive_dynamic_conv
-from tests.helpers import random_batch, stream_wake_logits, timed_gpu_training_step
+from tests.helpers import left_padding_runs, random_batch, stream_wake_logits, timed_gpu_training_step
 from tests.jet_checkpoint import official_shapes, tiny_config, write_official_checkpoint
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "jet-nemotron"
@@ -185,18 +185,8 @@ def test_wake_logits_equal_token_by_token_streaming(model, eviction):
 
 @pytest.mark.parametrize("eviction", ["hard", "sliding"])
 def test_left_padding_by_whole_windows_is_invisible(model, eviction):
-    window = 4
-    ids, labels = random_batch(1, 10, model.config.vocab_size)
-    engine = engine_for(model, window=window, passes=3, eviction=eviction)
-    with torch.no_grad():
-        reference = engine.forward(ids, labels=labels)
-        left = 2 * window
-        mask = torch.cat([torch.zeros(1, left, dtype=torch.long), torch.ones_like(ids)], dim=1)
-        padded = engine.forward(
-            torch.cat([torch.full((1, left), 3), ids], dim=1),
-            attention_mask=mask,
-            labels=torch.cat([torch.full((1, left), -100), labels], dim=1),
-        )
+    engine = engine_for(model, window=4, passes=3, eviction=eviction)
+    reference, padded = left_padding_runs(engine, model.config.vocab_size)
     assert close(padded.loss, reference.loss)
     assert all(close(a, b) for a, b in zip(flat_states(padded.states), flat_states(reference.states), strict=True))
 

@@ -23,7 +23,7 @@ from model_patches.ouro import OuroConfig, OuroForCausalLM, evenly_spaced_layers
 from retrofit import SleepConfig, SleepEngine, apply_sleep
 from retrofit.blocks import LinearState
 from retrofit.recipes import load_recipe, resolve
-from tests.helpers import random_batch, stream_wake_logits, timed_gpu_training_step
+from tests.helpers import left_padding_runs, random_batch, stream_wake_logits, timed_gpu_training_step
 from tests.ouro_checkpoint import LAYER_NORMS, official_shapes, tiny_config, write_official_checkpoint
 
 TOL = 1e-10
@@ -305,18 +305,8 @@ def test_wake_logits_equal_token_by_token_streaming(trained, eviction):
 
 @pytest.mark.parametrize("eviction", ["hard", "sliding"])
 def test_left_padding_by_whole_windows_is_invisible(trained, eviction):
-    window = 4
-    ids, labels = random_batch(1, 10, trained.config.vocab_size)
-    engine = engine_for(trained, window=window, passes=3, eviction=eviction)
-    with torch.no_grad():
-        reference = engine.forward(ids, labels=labels)
-        left = 2 * window
-        mask = torch.cat([torch.zeros(1, left, dtype=torch.long), torch.ones_like(ids)], dim=1)
-        padded = engine.forward(
-            torch.cat([torch.full((1, left), 3), ids], dim=1),
-            attention_mask=mask,
-            labels=torch.cat([torch.full((1, left), -100), labels], dim=1),
-        )
+    engine = engine_for(trained, window=4, passes=3, eviction=eviction)
+    reference, padded = left_padding_runs(engine, trained.config.vocab_size)
     assert close(padded.loss, reference.loss)
     states = [(a, b) for a, b in zip(padded.states, reference.states, strict=True) if isinstance(b, LinearState)]
     assert len(states) == len(MIXER_LAYERS)
