@@ -13,7 +13,7 @@ import json
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import yaml
 from huggingface_hub import HfApi
 
 from retrofit.lora import SLEEP_CONFIG_FILE, is_adapter_dir
+from retrofit.training.checkpoint import MODEL_DIR, SavedModel, is_checkpoint, locate_saved_model
 
 ARXIV_ID = "2605.26099"
 EVAL_FILES = ("results.md", "results.json", "results.png")
@@ -32,25 +33,14 @@ class PushError(ValueError):
     """The run directory cannot be published as it is; the message says what is missing."""
 
 
-@dataclass(frozen=True)
-class RunFiles:
-    """What a run directory contributes to the upload."""
-
-    model: Path
-    recipe: Path
-    eval_dir: Path
-
-
-def locate_run(run_dir: Path) -> RunFiles:
-    """The model folder, recipe and evaluation folder of a run directory, a checkpoint or a model folder."""
-    from retrofit.training.checkpoint import MODEL_DIR, is_checkpoint, locate_saved_model
-
+def locate_run(run_dir: Path) -> SavedModel:
+    """The model folder (a checkpoint's `model/`) and recipe of a run directory, a checkpoint or a model folder; the
+    evaluation results sit beside the recipe."""
     try:
         saved = locate_saved_model(run_dir)
     except FileNotFoundError as exc:
         raise PushError(str(exc)) from None
-    model = saved.model / MODEL_DIR if is_checkpoint(saved.model) else saved.model
-    return RunFiles(model=model, recipe=saved.recipe, eval_dir=saved.recipe.parent)
+    return replace(saved, model=saved.model / MODEL_DIR) if is_checkpoint(saved.model) else saved
 
 
 def package_versions() -> dict[str, str]:
@@ -66,7 +56,7 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def model_card(run: RunFiles, repo_id: str) -> str:
+def model_card(run: SavedModel, repo_id: str) -> str:
     """The README.md of the upload: metadata header, what the model is, how to load it, recipe, versions, eval."""
     recipe_text = run.recipe.read_text()
     recipe: dict[str, Any] = yaml.safe_load(recipe_text) or {}
@@ -83,7 +73,7 @@ def model_card(run: RunFiles, repo_id: str) -> str:
     if base:
         header["base_model"] = base
     versions = package_versions()
-    eval_md = run.eval_dir / "results.md"
+    eval_md = run.recipe.parent / "results.md"
     lines = [
         "---",
         yaml.safe_dump(header, sort_keys=False).strip(),
@@ -169,8 +159,8 @@ def build_upload_folder(run_dir: Path, folder: Path, repo_id: str) -> Path:
             shutil.copy2(path, folder / path.name)
     shutil.copy2(run.recipe, folder / "recipe.yaml")
     for name in EVAL_FILES:
-        if (run.eval_dir / name).is_file():
-            shutil.copy2(run.eval_dir / name, folder / name)
+        if (run.recipe.parent / name).is_file():
+            shutil.copy2(run.recipe.parent / name, folder / name)
     (folder / "README.md").write_text(model_card(run, repo_id))
     return folder
 
