@@ -72,6 +72,7 @@ class Run:
     processes: int
     recipe: dict[str, Any]
     extra: list[str] = field(default_factory=list)  # more `retrofit train` arguments
+    overrides: list[str] = field(default_factory=list)  # `--set KEY=VALUE` of every run (from the command line)
     gpus: str | None = None  # CUDA_VISIBLE_DEVICES, when it must differ from all
     leaves: bool = False  # sleep blocks as ZeRO-3 leaf modules
     reference: str | None = None  # the run its losses are compared with
@@ -168,12 +169,14 @@ def prepare(run: Run, out: Path) -> tuple[list[str], dict[str, str]]:
     folder.mkdir(parents=True, exist_ok=True)
     recipe_path = folder / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(run.recipe, sort_keys=False))
-    loaded = load_recipe(recipe_path)
+    loaded = load_recipe(recipe_path, run.overrides)
     plan = plan_launch(loaded.recipe, visible_gpus=run.processes)
     if run.leaves:
         plan.deepspeed_config["zero_optimization"]["leaf_module"] = {"classes": leaf_classes(loaded.recipe)}
     write_deepspeed_config(plan)
-    command = launch_command(plan, ["-m", "benchmarks.distributed_worker", "train", str(recipe_path), *run.extra])
+    settings = [arg for item in run.overrides for arg in ("--set", item)]
+    program = ["-m", "benchmarks.distributed_worker", "train", str(recipe_path), *settings, *run.extra]
+    command = launch_command(plan, program)
     env = child_env(BENCH_RUN_DIR=str(folder), TRITON_CACHE_AUTOTUNING="1")  # later runs reuse the autotuning
     if run.gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = run.gpus
@@ -394,6 +397,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=os.environ.get("OUT"), help="output folder (default: $OUT)")
     parser.add_argument("--dry-run", action="store_true", help="write recipes, DeepSpeed configs and commands only")
     parser.add_argument("--only", nargs="*", metavar="RUN", help="run only these (e.g. tiny/zero3 2b/single_gpu)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe override for every run, e.g. model.config.efficient_attention_config.jet.head_dim=32",
+    )
     parser.add_argument("--budget-s", type=float, default=540, help="stop starting runs after this long")
     parser.add_argument("--timeout-s", type=float, default=240, help="the longest one run may take")
     parser.add_argument("--tol-first", type=float, default=1e-2, help="relative loss tolerance at the first step")
@@ -404,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     runs = [r for r in plan_runs(out) if not args.only or r.name in args.only]
+    for r in runs:
+        r.overrides = list(args.set)
     prepared = {r.name: prepare(r, out) for r in runs}
     if args.dry_run:
         plan = [{"run": name, "command": shlex.join(c), "env": e} for name, (c, e) in prepared.items()]

@@ -339,3 +339,33 @@ def test_only_calls_no_backward_will_see_take_the_fused_recurrent_kernel(monkeyp
         gated_delta_rule(q.repeat(1, 30, 1, 1), k.repeat(1, 30, 1, 1), v.repeat(1, 30, 1, 1), g.repeat(1, 30, 1),
                          beta.repeat(1, 30, 1))  # fmt: skip
     assert calls == ["fused", "chunk", "chunk", "chunk"]  # 90 tokens: too long for the recurrent kernel
+
+
+def test_small_16bit_heads_under_gradients_avoid_fla_backward(monkeypatch):
+    """fla 0.6's gated backward crashes for 16-bit q/k heads of K <= 16: such calls take the torch path under
+    `auto` (same result as the float64 reference) and raise a clear error under RETROFIT_OPS=fla; inference and
+    larger heads still go to fla (a fake fla records the calls)."""
+    module = importlib.import_module("retrofit.ops.gated_delta_rule")
+    calls = []
+    fake = SimpleNamespace(chunk_gated_delta_rule=lambda **kw: calls.append(kw["q"].shape[-1]) or (kw["v"], None))
+    monkeypatch.setattr(module, "select_fla_module", lambda tensor, name: fake)
+    gen = torch.Generator().manual_seed(0)
+
+    def inputs(K, dtype=torch.bfloat16):
+        q, k = (torch.randn(1, 80, 2, K, generator=gen).to(dtype) for _ in range(2))
+        v = torch.randn(1, 80, 2, 8, generator=gen).to(dtype).requires_grad_()
+        return q, k, v, -torch.rand(1, 80, 2, generator=gen), torch.rand(1, 80, 2, generator=gen)
+
+    small = inputs(16)
+    with pytest.warns(UserWarning, match="torch path"):
+        o, _ = gated_delta_rule(*small, use_qk_l2norm=True)
+    reference, _ = naive_gated_delta_rule(*(t.detach().double() for t in small), use_qk_l2norm=True)
+    torch.testing.assert_close(o.double(), reference, rtol=2e-2, atol=2e-2)
+    gated_delta_rule(*inputs(32))
+    gated_delta_rule(*inputs(16, torch.float32))
+    with torch.no_grad():
+        gated_delta_rule(*small)
+    assert calls == [32, 16, 16]
+    monkeypatch.setenv("RETROFIT_OPS", "fla")
+    with pytest.raises(RuntimeError, match="K=16"):
+        gated_delta_rule(*small)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import initialization as init
 
 from model_patches.jet_nemotron.configuration import JetBlockSettings
 from retrofit.blocks import Chunk, LinearState
@@ -39,15 +40,32 @@ from retrofit.ops import dynamic_conv
 
 
 class KernelGenerator(nn.Module):
-    """`w2(silu(w1 x))`: one flattened `[dim, kernel_size]` kernel per token (upstream's `kernel_generator`)."""
+    """`w2(silu(w1 x))`: one `[dim, kernel_size]` conv kernel per token (upstream's `kernel_generator`); w2's bias is
+    the static part of the kernel."""
 
-    def __init__(self, input_size: int, hidden_size: int, output_size: int) -> None:
+    def __init__(self, input_size: int, hidden_size: int, dim: int, kernel_size: int) -> None:
         super().__init__()
+        self.dim, self.kernel_size = dim, kernel_size
         self.w1 = nn.Linear(input_size, hidden_size, bias=False)
-        self.w2 = nn.Linear(hidden_size, output_size, bias=True)
+        self.w2 = nn.Linear(hidden_size, dim * kernel_size, bias=True)
+
+    def initial_static_kernel(self) -> Tensor:
+        """A from-scratch init for w2's bias (the static kernel): `nn.Conv1d`'s, in w2's `(dim, tap)` layout."""
+        return ShortConvolution.initial_weight((self.dim, 1, self.kernel_size)).flatten()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)))
+        """x `[B, T, input_size]` -> kernels `[B, T, dim, kernel_size]`."""
+        return self.w2(F.silu(self.w1(x))).unflatten(-1, (self.dim, self.kernel_size))
+
+
+def init_static_kernel(module: nn.Module) -> None:
+    """Set a from-scratch `KernelGenerator`'s static kernel; families call it from `_init_weights`.
+
+    It acts on the generator, w2's parent, and not higher up: under ZeRO-3, transformers gathers only a module's own
+    and its direct children's parameters while it initialises that module.
+    """
+    if isinstance(module, KernelGenerator):
+        init.copy_(module.w2.bias, module.initial_static_kernel())
 
 
 class DynamicShortConvolution(nn.Module):
@@ -55,19 +73,14 @@ class DynamicShortConvolution(nn.Module):
 
     def __init__(self, dim: int, kernel_size: int, generator_input_size: int, generator_reduction: int) -> None:
         super().__init__()
-        self.dim, self.kernel_size = dim, kernel_size
-        self.kernel_generator = KernelGenerator(generator_input_size, dim // generator_reduction, dim * kernel_size)
-
-    def initial_static_kernel(self) -> Tensor:
-        """A from-scratch init for w2's bias (the static kernel): `nn.Conv1d`'s, in w2's `(dim, tap)` layout."""
-        return ShortConvolution.initial_weight((self.dim, 1, self.kernel_size)).flatten()
+        self.kernel_generator = KernelGenerator(generator_input_size, dim // generator_reduction, dim, kernel_size)
 
     def forward(
         self, x: Tensor, generator_input: Tensor, state: Tensor | None, valid: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """x `[B, T, dim]`, generator_input `[B, T, *]`, state `[B, dim, W]` or None -> (y, final state).
         Positions where `valid` is False (padding) are skipped exactly."""
-        kernels = self.kernel_generator(generator_input).unflatten(-1, (self.dim, self.kernel_size))
+        kernels = self.kernel_generator(generator_input)
         return dynamic_conv(x, kernels, initial_state=state, output_final_state=True, activation="silu", valid=valid)
 
 

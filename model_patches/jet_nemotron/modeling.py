@@ -13,10 +13,9 @@ from __future__ import annotations
 
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers import initialization as init
 
 from model_patches.jet_nemotron.configuration import JetNemotronConfig
-from model_patches.jet_nemotron.jet_block import DynamicShortConvolution, JetBlock
+from model_patches.jet_nemotron.jet_block import JetBlock, init_static_kernel
 from retrofit.layers.attention import Attention
 from retrofit.layers.decoder import swiglu_decoder_layers
 from retrofit.layers.gated_deltanet import init_delta_rule_parameters
@@ -51,8 +50,7 @@ class JetNemotronPreTrainedModel(PreTrainedModel):
         """
         super()._init_weights(module)
         init_delta_rule_parameters(module)
-        if isinstance(module, DynamicShortConvolution):
-            init.copy_(module.kernel_generator.w2.bias, module.initial_static_kernel())
+        init_static_kernel(module)
 
 
 class JetNemotronModel(JetNemotronPreTrainedModel):

@@ -43,7 +43,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from model_patches.jet_nemotron import JetBlock
-from model_patches.jet_nemotron.jet_block import DynamicShortConvolution
+from model_patches.jet_nemotron.jet_block import init_static_kernel
 from model_patches.ouro.configuration import (
     DEFAULT_JET_MIXER_CONFIG,
     NUM_JET_MIXERS,
@@ -136,10 +136,9 @@ class OuroPreTrainedModel(PreTrainedModel):
             A_log, dt_bias = GatedDeltaNet.initial_gates(module.num_heads)
             init.copy_(module.A_log, A_log)
             init.copy_(module.dt_bias, dt_bias)
-        elif isinstance(module, DynamicShortConvolution):
-            init.copy_(module.kernel_generator.w2.bias, module.initial_static_kernel())
         elif getattr(module, "zero_init", False):
             init.zeros_(module.weight)
+        init_static_kernel(module)
 
 
 class OuroModel(OuroPreTrainedModel):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib
 import os
 import warnings
@@ -34,6 +35,10 @@ _FLA_GDR_MODULE = "fla.ops.gated_delta_rule"
 _FLA_CHUNK_SIZES = (16, 32, 64)
 # Inference calls up to this many tokens use fla's fused recurrent kernel instead of the chunk kernel.
 _FLA_RECURRENT_MAX_T = 64
+# fla 0.6's gated backward (`chunk_bwd_kernel_dqkwg`, whose K tile is then 16) hits an illegal memory access for
+# fp16/bf16 inputs with K <= 16: seen on 2x H200 with Triton 3.7.1 at K=16, V=32 (benchmarks/README.md, distributed
+# notes). K=8 in fp32 and K >= 64 in bf16 pass the GPU tests. Such calls take the torch path under `auto`.
+_FLA_SMALL_HEAD_K = 16
 _INSTALL_HINT = (
     "fla's kernels need a CUDA GPU with triton>=3.7.1 next to flash-linear-attention==0.6.0 and fla-core==0.6.0 "
     "(`pip install 'sleep-retrofit[cuda]'`, or `source .gpu/setup.sh` on the project's GPU machine). "
@@ -125,6 +130,22 @@ def _inference_only(*tensors: Tensor | None) -> bool:
     return not needs_grad and not _training_kernels.get()
 
 
+def _fla_backward_would_crash(q: Tensor, *tensors: Tensor | None) -> bool:
+    """A call whose backward would reach fla's gated backward kernel with 16-bit heads of K <= 16 (see above)."""
+    small_16bit = q.shape[-1] <= _FLA_SMALL_HEAD_K and q.dtype in (torch.float16, torch.bfloat16)
+    return small_16bit and not _inference_only(q, *tensors)
+
+
+@functools.cache
+def _warn_small_heads(head_dim: int) -> None:
+    warnings.warn(
+        f"gated delta rule with {head_dim}-dim 16-bit q/k heads under gradients: fla 0.6's backward kernel crashes "
+        f"(illegal memory access) for K <= {_FLA_SMALL_HEAD_K}, so these calls take the torch path (slower). Use "
+        f"head dims above {_FLA_SMALL_HEAD_K} or fp32 to run them on fla.",
+        stacklevel=3,
+    )
+
+
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial_state: Tensor | None) -> None:
     if q.dim() != 4 or k.shape != q.shape:
         raise ValueError(f"q and k must both be [B, T, H, K]; got {tuple(q.shape)} and {tuple(k.shape)}.")
@@ -174,6 +195,14 @@ def gated_delta_rule(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     fla = select_fla_module(q, _FLA_GDR_MODULE)
+    if fla is not None and _fla_backward_would_crash(q, k, v, g, beta, initial_state):
+        if requested_backend() == "fla":
+            raise RuntimeError(
+                f"{BACKEND_ENV}=fla, but fla 0.6's gated backward crashes for 16-bit q/k heads of K={q.shape[-1]} "
+                f"<= {_FLA_SMALL_HEAD_K} (illegal memory access). Use larger heads, fp32, or {BACKEND_ENV}=auto."
+            )
+        _warn_small_heads(q.shape[-1])
+        fla = None
     if fla is not None:
         # Always by keyword: fla's positional order differs between its chunk and fused_recurrent entry points.
         arguments = {
