@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.triton_cache import use_kept_autotuning
 from retrofit.cli import main as retrofit_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {', '.join(taken)} already exist(s); remove them or choose another --root", file=sys.stderr)
         return 2
     root.mkdir(parents=True, exist_ok=True)
+    if not args.dry_run:
+        use_kept_autotuning()
     outcomes = run_concurrently(runs, child_env(len(runs), dry_run=args.dry_run))
     write_sweep_json(root / "sweep.json", args.task, args.seed, runs, outcomes)
     ended = list(zip(runs, outcomes, strict=True))

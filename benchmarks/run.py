@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import retrofit
+from benchmarks.triton_cache import use_kept_autotuning
 from retrofit import SleepConfig, SleepEngine, apply_sleep
 from retrofit.generation import SleepCache
 
@@ -474,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--suite: unknown item(s) {''.join(sorted(unknown))}; use 'all' or letters from {ITEMS}")
     if not args.dry_run and not torch.cuda.is_available():
         parser.error("the suite measures a GPU: run it on a CUDA machine, or pass --dry-run to check it on a CPU")
+    if not args.dry_run:
+        use_kept_autotuning()
     profile_dir = (args.out or Path(tempfile.mkdtemp())) if args.profile else None
     stem = "dry-run" if args.dry_run else f"{date.today().isoformat()}-suite"
 

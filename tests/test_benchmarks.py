@@ -1,12 +1,14 @@
-"""The GPU benchmark suite runs end to end on a CPU (`--dry-run`), and counts the ideal cost correctly."""
+"""The GPU benchmark suite runs end to end on a CPU (`--dry-run`), and counts the ideal cost correctly; Triton
+autotuning results travel between GPU machines."""
 
 from __future__ import annotations
 
 import json
+import tarfile
 
 import pytest
 
-from benchmarks import run
+from benchmarks import run, triton_cache
 
 
 def expected_layer_passes(passes: int) -> int:
@@ -35,3 +37,29 @@ def test_unknown_items_are_refused(capsys):
         run.main(["--dry-run", "--suite", "az"])
     assert exc.value.code == 2
     assert "--suite: unknown item(s) z" in capsys.readouterr().err
+
+
+def test_autotune_results_seed_a_cache_and_new_ones_are_harvested(tmp_path):
+    """The kept results go into an empty cache once; the cache's own new results come back in a tar, the kept
+    ones do not; compiled kernels next to them never travel."""
+    kept, cache, result = tmp_path / "kept", tmp_path / "cache", '{"key": [1], "configs_timings": []}'
+    (kept / "H1").mkdir(parents=True)
+    (kept / "H1" / f"chunk_fwd_kernel_o{triton_cache.SUFFIX}").write_text(result)
+    assert triton_cache.seed(cache, kept) == 1
+    assert (cache / "H1" / f"chunk_fwd_kernel_o{triton_cache.SUFFIX}").read_text() == result
+    assert triton_cache.seed(cache, kept) == 0
+    (cache / "H2").mkdir()
+    (cache / "H2" / f"l2norm_fwd_kernel{triton_cache.SUFFIX}").write_text("{}")
+    (cache / "H2" / "l2norm_fwd_kernel.cubin").write_bytes(b"\0")
+    archive = tmp_path / "out" / "autotune.tar"
+    assert triton_cache.harvest(cache, archive, kept) == 1
+    with tarfile.open(archive) as tar:
+        assert tar.getnames() == [f"H2/l2norm_fwd_kernel{triton_cache.SUFFIX}"]
+
+
+def test_kept_autotune_results_are_valid_json():
+    kept = triton_cache.autotune_results(triton_cache.SEEDS)
+    assert kept
+    for name in kept:
+        record = json.loads((triton_cache.SEEDS / name).read_text())
+        assert record["configs_timings"] and "key" in record, name
