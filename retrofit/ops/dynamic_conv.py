@@ -54,7 +54,7 @@ def dynamic_conv(
         raise ValueError(
             f"x must be [B, T, D] and kernels [B, T, D, W]; got {tuple(x.shape)} and {tuple(kernels.shape)}."
         )
-    B, T, D = x.shape
+    B, _, D = x.shape
     W = kernels.shape[-1]
     if initial_state is not None and initial_state.shape != (B, D, W):
         raise ValueError(f"initial_state must be [B, D, W]={(B, D, W)}, got {tuple(initial_state.shape)}.")
@@ -66,8 +66,9 @@ def dynamic_conv(
         return put_time(y, order), last_real_inputs(state, packed, valid) if output_final_state else None
     # Time-major history: the state's last W - 1 inputs, then x. Tap w of token t reads history[:, t + w].
     history = torch.cat([state[..., 1:].transpose(1, 2), x], dim=1)  # [B, T + W - 1, D]
+    windows = history.unfold(1, W, 1)  # [B, T, D, W] view: windows[:, t, :, w] = history[:, t + w]
     compute = torch.promote_types(x.dtype, torch.float32)
-    y = sum(kernels[..., w].to(compute) * history[:, w : w + T].to(compute) for w in range(W))
+    y = (kernels.to(compute) * windows.to(compute)).sum(-1)  # one product and one reduction, not W of each
     if activation == "silu":
         y = F.silu(y)
     final_state = torch.cat([state, x.transpose(1, 2)], dim=-1)[..., -W:] if output_final_state else None
