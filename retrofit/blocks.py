@@ -51,6 +51,7 @@ class KVWindow(NamedTuple):
     values: Tensor  # [B, H_kv, R, D]
     valid: Tensor  # [B, R] bool
     start: int
+    padded: bool = True  # whether `valid` may hold a False (known on the host, so that no mask needs a sync)
 
     @property
     def length(self) -> int:
@@ -65,6 +66,7 @@ class KVWindow(NamedTuple):
             torch.cat([self.values, other.values], dim=-2),
             torch.cat([self.valid, other.valid], dim=-1),
             self.start,
+            self.padded or other.padded,
         )
 
     def last(self, n: int) -> KVWindow | None:
@@ -72,10 +74,11 @@ class KVWindow(NamedTuple):
         if n <= 0:
             return None
         drop = max(self.length - n, 0)
-        return KVWindow(self.keys[..., drop:, :], self.values[..., drop:, :], self.valid[:, drop:], self.start + drop)
+        keys, values = self.keys[..., drop:, :], self.values[..., drop:, :]
+        return KVWindow(keys, values, self.valid[:, drop:], self.start + drop, self.padded)
 
     def detach(self) -> KVWindow:
-        return KVWindow(self.keys.detach(), self.values.detach(), self.valid, self.start)
+        return KVWindow(self.keys.detach(), self.values.detach(), self.valid, self.start, self.padded)
 
 
 def join_windows(first: KVWindow | None, second: KVWindow | None) -> KVWindow | None:

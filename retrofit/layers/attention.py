@@ -64,14 +64,16 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = chunk.rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        own = KVWindow(k, v, chunk.valid, chunk.start)
+        own = KVWindow(k, v, chunk.valid, chunk.start, chunk.padded)
         keys = own if kv is None else kv.extend(own)
         window = _min_window(self.window, chunk.window)
         plain_causal = kv is None and not chunk.padded and (window is None or window >= length)
+        # Decoding: one query, the newest token, that may see every key (no padding, all within the window).
+        sees_all = length == 1 and not keys.padded and (window is None or window >= keys.length)
         keys_, values = keys.keys, keys.values
         grouped = self.num_heads != self.num_kv_heads
         mask = None
-        if not plain_causal:
+        if not (plain_causal or sees_all):
             mask = attention_mask(keys, chunk, window)
             if grouped and length > 1:
                 # SDPA's memory-efficient kernel takes a mask but not `enable_gqa`; with both, torch falls back
