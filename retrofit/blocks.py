@@ -5,7 +5,8 @@ A model family exposes a `SleepAdapter`: an embedding, a head, and an ordered li
 
 * `state` is the block's fast state (a `LinearState` for linear blocks, `None` for attention blocks);
 * `kv` is the attention window retained from earlier tokens (a `KVWindow`, or `None`);
-* `kv_out` is the chunk's own keys and values (attention blocks), which the engine may retain.
+* `kv_out` is the chunk's own keys and values (attention blocks), which the engine may retain; a block's
+  `kv_window` bounds how many of the latest it can ever read again.
 
 The engine (`retrofit.engine`) owns everything about chunks, passes, eviction and gradients; blocks only
 compute.
@@ -81,6 +82,20 @@ class KVWindow(NamedTuple):
         return KVWindow(self.keys.detach(), self.values.detach(), self.valid, self.start, self.padded)
 
 
+def join_readable(
+    first: KVWindow | None, second: KVWindow | None, kv_window: int | None, keep: int | None = None
+) -> KVWindow | None:
+    """`first` followed by `second`, cut to what a later query of a block with `kv_window` can still read: the last
+    `kv_window - 1` tokens (all for None), and at most `keep`. When `second` alone holds that many, `first` is left
+    out: it may end before a `second` that was cut the same way."""
+    limits = [n for n in (keep, None if kv_window is None else kv_window - 1) if n is not None]
+    limit = min(limits) if limits else None
+    if limit is not None and second is not None and second.length >= limit:
+        return second.last(limit)
+    joined = join_windows(first, second)
+    return joined if joined is None or limit is None else joined.last(limit)
+
+
 def join_windows(first: KVWindow | None, second: KVWindow | None) -> KVWindow | None:
     """`first` followed by `second`, where either may be absent."""
     if first is None:
@@ -107,6 +122,9 @@ class SleepBlock(Protocol):
     """One residual block of a model, as the engine sees it."""
 
     kind: BlockKind
+    # How far back a query reads (a sliding-window layer's window: the query and the `kv_window - 1` tokens before
+    # it), or None (all retained tokens). Keys older than that are never read again, so caches drop them.
+    kv_window: int | None
 
     def __call__(
         self, h: Tensor, state: BlockState, kv: KVWindow | None, chunk: Chunk

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from retrofit.blocks import BlockState, Chunk, KVWindow, SleepAdapter, join_windows
+from retrofit.blocks import BlockState, Chunk, KVWindow, SleepAdapter, join_readable
 from retrofit.checkpoint import checkpoint_offloaded
 from retrofit.config import SleepConfig
 
@@ -327,7 +327,7 @@ class SleepEngine:
         keep = self.config.window - 1
         out: Windows = [None] * len(windows)
         for i in self.attention_blocks:
-            out[i] = join_windows(windows[i], chunk_kv[i]).last(keep)
+            out[i] = join_readable(windows[i], chunk_kv[i], self.adapter.blocks[i].kv_window, keep)
         return out
 
     def _take(self, indices: range, states: States, source: States) -> None:

@@ -13,7 +13,8 @@ Inference reads a stream of tokens (prompt and generated alike) in chunks of L t
 * `consolidate` (`model.sleep(cache)`) sleeps the current chunk now, full or not, and starts a new chunk at the
   current position: what a server can do while it waits for the user.
 
-KV memory is bounded: each attention block holds at most L-1 retained tokens plus the current chunk (<= L tokens).
+KV memory is bounded: each attention block holds at most L-1 retained tokens plus the current chunk (<= L tokens),
+and a sliding-window block at most its window - 1 of them (older keys are never read again).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache
 
-from retrofit.blocks import BlockState, KVWindow, join_windows
+from retrofit.blocks import BlockState, KVWindow, join_readable
 from retrofit.engine import SleepEngine
 
 
@@ -155,9 +156,10 @@ class SleepCache(Cache):
         adapter = engine.adapter
         h = adapter.embed(input_ids)
         for i, block in enumerate(adapter.blocks):
-            h, self.states[i], own = block(h, self.states[i], join_windows(self.windows[i], self.chunk_kv[i]), chunk)
+            kv = join_readable(self.windows[i], self.chunk_kv[i], block.kv_window)
+            h, self.states[i], own = block(h, self.states[i], kv, chunk)
             if own is not None:
-                self.chunk_kv[i] = join_windows(self.chunk_kv[i], own)
+                self.chunk_kv[i] = join_readable(self.chunk_kv[i], own, block.kv_window)
         if self.chunk is None:
             self.chunk = _ChunkTokens(input_ids, positions, valid)
         else:

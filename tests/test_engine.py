@@ -193,7 +193,7 @@ class RecordingAdapter:
 
 class RecordingBlock:
     def __init__(self, block, owner):
-        self.block, self.owner, self.kind = block, owner, block.kind
+        self.block, self.owner, self.kind, self.kv_window = block, owner, block.kind, block.kv_window
 
     def __call__(self, h, state, kv, chunk):
         if self.kind != "linear":

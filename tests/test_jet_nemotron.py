@@ -20,6 +20,7 @@ import retrofit
 from model_patches.jet_nemotron import JetBlock, JetNemotronConfig, JetNemotronForCausalLM
 from retrofit import SleepConfig, SleepEngine, apply_sleep
 from retrofit.blocks import Chunk, LinearState
+from retrofit.generation import SleepCache
 from retrofit.ops.naive import naive_gated_delta_rule
 from retrofit.ops.naive_dynamic_conv import naive_dynamic_conv
 from tests.helpers import left_padding_runs, random_batch, stream_wake_logits, timed_gpu_training_step
@@ -181,6 +182,30 @@ def test_wake_logits_equal_token_by_token_streaming(model, eviction):
         one_pass = engine_for(model, window=4, passes=1, eviction=eviction).forward(ids, return_logits=True).logits
     assert close(batched, streamed)
     assert not close(batched[:, 4:], one_pass[:, 4:], 1e-6)  # the sleep passes matter
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+def test_sliding_window_layers_keep_only_the_keys_they_can_read(model, eviction):
+    """With L=12 over a 5-token sliding-window layer, streaming through `SleepCache` keeps at most 4 of the chunk's
+    keys for that layer while the full-attention layers keep the whole chunk, and the logits still equal the batched
+    engine's."""
+    sleep = SleepConfig(window=12, passes=2, eviction=eviction)
+    apply_sleep(model, sleep)
+    try:
+        ids, _ = random_batch(1, 30, model.config.vocab_size)
+        cache, logits, held = SleepCache(), [], []
+        with torch.no_grad():
+            for t in range(ids.shape[1]):
+                logits.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
+                held.append([sum(lengths) for lengths in cache.kv_lengths()])
+            batched = SleepEngine(model.get_sleep_adapter(), sleep).forward(ids, return_logits=True).logits
+    finally:
+        model.config.sleep_config = None
+    assert close(torch.cat(logits, dim=1), batched)
+    full, sliding, *_ = zip(*held, strict=True)  # attention blocks in order: layers 1 (attn), 3 (swa), 6 (attn)
+    # sliding eviction also keeps the retained window that the next sleep replays the chunk from, cut to 4 as well
+    assert max(sliding) == (4 if eviction == "hard" else 4 + 4)
+    assert max(full) == (12 if eviction == "hard" else 11 + 12)
 
 
 @pytest.mark.parametrize("eviction", ["hard", "sliding"])

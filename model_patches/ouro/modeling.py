@@ -95,6 +95,10 @@ class StepEnd(nn.Module):
     def kind(self) -> str:
         return self.block.kind
 
+    @property
+    def kv_window(self) -> int | None:
+        return self.block.kv_window
+
     def forward(
         self, h: Tensor, state: BlockState, kv: KVWindow | None, chunk: Chunk
     ) -> tuple[Tensor, BlockState, KVWindow | None]:

@@ -26,6 +26,10 @@ class DecoderLayer(nn.Module):
     def kind(self) -> str:
         return self.self_attn.kind
 
+    @property
+    def kv_window(self) -> int | None:
+        return self.self_attn.window
+
     def forward(
         self, h: Tensor, state: BlockState, kv: KVWindow | None, chunk: Chunk
     ) -> tuple[Tensor, BlockState, KVWindow | None]:

@@ -42,6 +42,7 @@ class GatedDeltaRuleMixer(nn.Module):
     """
 
     kind = "linear"
+    window = None  # no KV
 
     def __init__(
         self, hidden_size: int, num_heads: int, head_k_dim: int, num_v_heads: int, head_v_dim: int, norm_eps: float
