@@ -56,38 +56,46 @@ class Evaluation:
 
 @dataclass(frozen=True)
 class Run:
-    """A finished run: where it is, what it trained (task, N, seed) and its evaluations, oldest first."""
+    """A run: where it is, what it trained (task, N, seed) and its evaluations, oldest first; `finished` is False
+    for a run that never wrote `results.json` (stopped or still going), reported up to its last evaluation."""
 
     path: Path
     task: str
     passes: int
     seed: int
     evaluations: tuple[Evaluation, ...]
+    finished: bool = True
 
     @property
     def final(self) -> Evaluation:
-        """The evaluation at the end of training (the run's `results.json`)."""
+        """The evaluation at the end of training (the run's `results.json`), or an unfinished run's last one."""
         return self.evaluations[-1]
 
 
-def load_run(path: Path) -> Run:
-    """Read a run directory; raise `ReportError` naming the folder and the file it lacks."""
+def load_run(path: Path, *, unfinished: bool = False) -> Run:
+    """Read a run directory; raise `ReportError` naming the folder and the file it lacks.
+
+    `unfinished` also takes a run without `results.json` (stopped, or still going) up to its last evaluation.
+    """
     if not path.is_dir():
         raise ReportError(f"{path} is not a run directory: no such folder")
     recipe = _read_recipe(path)
     results = path / RESULTS_FILE
-    if not results.is_file():
+    finished = results.is_file()
+    earlier = [load_result(p) for p in sorted((path / EVAL_DIR).glob("step_*.json"))]
+    if not finished and not unfinished:
         raise ReportError(
             f"{path} is not a finished run: it has no {RESULTS_FILE} (written when training ends; the run may "
-            "still be going, or have failed)"
+            "still be going, or have failed); pass --unfinished to report it up to its last evaluation"
         )
-    final = load_result(results)
-    earlier = [load_result(p) for p in sorted((path / EVAL_DIR).glob("step_*.json"))]
+    if not finished and not earlier:
+        raise ReportError(f"{path} has neither {RESULTS_FILE} nor any evaluation in {EVAL_DIR}/: nothing to report")
+    final = load_result(results) if finished else earlier[-1]
     history = [r for r in earlier if r.step < final.step] + [final]
     steps, tokens = tokens_seen_curve(path)
     evaluations = tuple(Evaluation(round(float(np.interp(r.step, steps, tokens))), r) for r in history)
     passes = (recipe.get("sleep") or {}).get("passes", SleepConfig.passes)
-    return Run(path, recipe["task"]["name"], int(passes), int(recipe.get("seed", 0)), evaluations)
+    return Run(path, recipe["task"]["name"], int(passes), int(recipe.get("seed", 0)), evaluations, finished)
 
 
 def _read_recipe(path: Path) -> dict[str, Any]:
@@ -165,7 +173,9 @@ def markdown_section(task: str, runs: Sequence[Run]) -> str:
     """One task's part of `report.md`: its runs, then final accuracy and loss (rows: buckets, columns: N)."""
     lines = [f"## {task}", ""]
     lines += [
-        f"- N={r.passes}: `{r.path}` (seed {r.seed}, step {r.final.result.step}, {r.final.tokens_seen:,} tokens)"
+        f"- N={r.passes}: `{r.path}` (seed {r.seed}, step {r.final.result.step}, {r.final.tokens_seen:,} tokens"
+        + ("" if r.finished else "; unfinished: its last evaluation")
+        + ")"
         for r in runs
     ]
     for metric in METRICS:
@@ -203,7 +213,7 @@ def summary(groups: dict[str, list[Run]]) -> dict[str, Any]:
         task: {
             "difficulty": difficulty_name(task),
             "runs": [
-                {"passes": r.passes, "run_dir": str(r.path), "seed": r.seed}
+                {"passes": r.passes, "run_dir": str(r.path), "seed": r.seed, "finished": r.finished}
                 | evaluation(r.final)
                 | {"curve": [evaluation(e) for e in r.evaluations]}
                 for r in runs
@@ -286,10 +296,13 @@ def default_out_dir(run_dirs: Sequence[Path]) -> Path:
     return Path(os.path.commonpath([p.absolute().parent for p in run_dirs])) / "report"
 
 
-def make_report(run_dirs: Sequence[Path], out_dir: Path | None = None) -> list[Path]:
-    """Read the runs and write the plots, `report.md` and `report.json` into `out_dir`; return the paths."""
+def make_report(run_dirs: Sequence[Path], out_dir: Path | None = None, *, unfinished: bool = False) -> list[Path]:
+    """Read the runs and write the plots, `report.md` and `report.json` into `out_dir`; return the paths.
+
+    `unfinished` also reports runs that stopped before writing `results.json`, up to their last evaluation.
+    """
     run_dirs = [Path(p) for p in run_dirs]
-    groups = group_by_task([load_run(p) for p in run_dirs])
+    groups = group_by_task([load_run(p, unfinished=unfinished) for p in run_dirs])
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(run_dirs)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -311,13 +324,18 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("report", help="compare finished runs by sleep passes N: plots, table, JSON")
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="output_dir of a finished run")
     parser.add_argument("--out", type=Path, help="folder to write into (default: report/ beside the runs)")
+    parser.add_argument(
+        "--unfinished",
+        action="store_true",
+        help="also report runs without results.json (stopped or still going), up to their last evaluation",
+    )
     parser.set_defaults(run=run_report)
 
 
 def run_report(args: argparse.Namespace) -> int:
     """Handler of `retrofit report`; a folder that is not a finished run exits 2 with one line naming it."""
     try:
-        written = make_report(args.run_dirs, args.out)
+        written = make_report(args.run_dirs, args.out, unfinished=args.unfinished)
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -139,3 +139,24 @@ def test_a_folder_that_is_not_a_finished_run_is_named_with_what_it_lacks(runs, t
 def test_a_missing_folder_is_named(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert re.search(rf"{re.escape(str(tmp_path / 'nothing'))} is not a run directory", capsys.readouterr().err)
+
+
+def test_an_unfinished_run_is_reported_up_to_its_last_evaluation_when_asked(runs, tmp_path, capsys):
+    """A run stopped after its step-2 evaluation (no results.json, no step-4 evaluation): refused by default,
+    reported with `--unfinished` at step 2 with that evaluation's own numbers, marked unfinished; a run with no
+    evaluation at all is still refused."""
+    stopped = copy_run(runs[4], tmp_path / "stopped")
+    (stopped / "results.json").unlink()
+    (stopped / "eval" / f"step_{STEPS:06d}.json").unlink()
+    step2 = json.loads((stopped / "eval" / "step_000002.json").read_text())
+    out = tmp_path / "out"
+    assert main(["report", str(runs[1]), str(stopped), "--out", str(out)]) == 2
+    assert "--unfinished" in capsys.readouterr().err
+    assert main(["report", str(runs[1]), str(stopped), "--out", str(out), "--unfinished"]) == 0
+    reported = json.loads((out / "report.json").read_text())["tasks"]["rule110"]["runs"]
+    assert [(r["passes"], r["finished"], r["step"]) for r in reported] == [(1, True, STEPS), (4, False, 2)]
+    assert reported[1]["accuracy"] == step2["accuracy"]
+    assert "unfinished" in (out / "report.md").read_text()
+    shutil.rmtree(stopped / "eval")
+    assert main(["report", str(stopped), "--out", str(out), "--unfinished"]) == 2
+    assert "nothing to report" in capsys.readouterr().err
