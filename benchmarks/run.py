@@ -68,7 +68,7 @@ class Shape:
     matmul_size: int
 
 
-GPU_SHAPE = Shape({}, 2000, 4000, (1, 2, 4, 6), (2048, 8192, 32768), 16, 3, 8192)
+GPU_SHAPE = Shape({}, 2000, 4000, (1, 2, 4, 6), (2048, 8192, 32768), 48, 3, 8192)
 DRY_SHAPE = Shape(
     {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2,
      "num_hidden_layers": 8, "vocab_size": 512, "layer_types": ["jet", "attn", "jet", "swa", "jet", "jet", "attn",
@@ -215,8 +215,11 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 @torch.no_grad()
-def decode_latency(model, config: SleepConfig, context: int, new_tokens: int, vocab: int) -> float:
-    """Median seconds per greedy token after a `context`-token prompt, streaming through a `SleepCache`."""
+def decode_latency(
+    model, config: SleepConfig, context: int, new_tokens: int, vocab: int, profile_to: Path | None = None
+) -> float:
+    """Median seconds per greedy token after a `context`-token prompt, streaming through a `SleepCache`;
+    with `profile_to`, one more token is profiled there."""
     apply_sleep(model, config)
     generator = torch.Generator().manual_seed(context)
     prompt = torch.randint(0, vocab, (1, context), generator=generator).to(model.device)
@@ -229,13 +232,16 @@ def decode_latency(model, config: SleepConfig, context: int, new_tokens: int, vo
         next_id = model(next_id, past_key_values=cache).logits[:, -1:].argmax(-1)
         synchronize()
         times.append(time.perf_counter() - start)
+    if profile_to is not None:
+        write_profile(profile_to, lambda: model(next_id, past_key_values=cache).logits.argmax(-1))
     return statistics.median(times)
 
 
-def item_d(model, shape: Shape, vocab: int) -> dict:
+def item_d(model, shape: Shape, vocab: int, profile_dir: Path | None = None) -> dict:
     """Per-token wake latency with sleep (KV bounded by L) vs no sleep (one window: all KV kept), per context.
 
     No decoded token crosses a window boundary (contexts are not multiples of L), so this is the wake cost alone.
+    With `profile_dir`, one sleeping token at the largest context is profiled to `profile-decode.txt`.
     """
     model.eval()
     rows = {}
@@ -243,7 +249,8 @@ def item_d(model, shape: Shape, vocab: int) -> dict:
         no_sleep = SleepConfig(window=context + shape.decode_tokens + 1, passes=1, eviction="hard")
         sleeping = SleepConfig(window=shape.window, passes=shape.passes[-1], eviction="hard")
         base = decode_latency(model, no_sleep, context, shape.decode_tokens, vocab)
-        ours = decode_latency(model, sleeping, context, shape.decode_tokens, vocab)
+        profile_to = profile_dir / "profile-decode.txt" if profile_dir and context == shape.contexts[-1] else None
+        ours = decode_latency(model, sleeping, context, shape.decode_tokens, vocab, profile_to)
         rows[context] = {"sleep_ms": ours * 1e3, "no_sleep_ms": base * 1e3, "ratio": ours / base}
     model.train()
     worst = max(row["ratio"] for row in rows.values())
@@ -294,8 +301,12 @@ def training_flops(model, tokens: int) -> float:
     return float(flops)
 
 
-def item_f(model, shape: Shape, ids: torch.Tensor, engine_seconds: float) -> dict:
+def item_f(model, shape: Shape, ids: torch.Tensor, engine_seconds: float, profile_dir: Path | None = None) -> dict:
+    """MFU of item b's engine step; with `profile_dir`, that step is profiled to `profile-train.txt`."""
     peak = matmul_peak_tflops(shape.matmul_size, shape.repeats)
+    if profile_dir is not None:
+        apply_sleep(model, sleep_config(shape, 1, "none", window=ids.shape[1]))
+        write_profile(profile_dir / "profile-train.txt", lambda: train_step(model, ids))
     achieved = training_flops(model, ids.numel()) / engine_seconds / 1e12
     mfu = achieved / peak
     return {"matmul_peak_tflops": peak, "achieved_tflops": achieved, "value": mfu, "met": mfu >= 0.30}
@@ -342,9 +353,11 @@ def run_suite(items: str, dry_run: bool, profile_dir: Path | None, report: Calla
         "a": lambda: item_a(model, shape, ids),
         "b": lambda: item_b(model, shape, ids),
         "c": lambda: item_c(model, shape, ids, (results.get("a") or item_a(model, shape, ids))["rows"]),
-        "d": lambda: item_d(model, shape, vocab),
+        "d": lambda: item_d(model, shape, vocab, profile_dir),
         "e": lambda: item_e(model, shape, ids),
-        "f": lambda: item_f(model, shape, ids, (results.get("b") or item_b(model, shape, ids))["engine_seconds"]),
+        "f": lambda: item_f(
+            model, shape, ids, (results.get("b") or item_b(model, shape, ids))["engine_seconds"], profile_dir
+        ),
         "g": lambda: item_g(dry_run),
     }
     for item in tqdm(items, desc="benchmark items", unit="item"):
@@ -352,26 +365,35 @@ def run_suite(items: str, dry_run: bool, profile_dir: Path | None, report: Calla
         results[item] = measure[item]()
         results[item]["wall_seconds"] = time.perf_counter() - start
         report(result)
-    if profile_dir is not None:
-        results["profile"] = profile_step(model, shape, ids, profile_dir)
     return result
 
 
-def profile_step(model, shape: Shape, ids: torch.Tensor, folder: Path) -> str:
-    """Top kernels of one training step at the second N (torch profiler), written to `folder/profile.txt`."""
+def write_profile(path: Path, fn: Callable[[], object]) -> None:
+    """Profile one call of `fn` (after a warm-up call) with the torch profiler; write where the time goes to `path`.
+
+    Two tables: by device time (which kernels), and by host time (dispatch: Python and launch overhead), headed by
+    the totals and the number of kernel launches.
+    """
     from torch.profiler import ProfilerActivity, profile
 
-    apply_sleep(model, sleep_config(shape, shape.passes[1]))
-    train_step(model, ids)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    fn()
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    synchronize()
+    start = time.perf_counter()
     with profile(activities=activities) as prof:
-        train_step(model, ids)
+        fn()
         synchronize()
-    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "profile.txt").write_text(table)
-    return str(folder / "profile.txt")
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    device_us = sum(e.self_device_time_total for e in events) if cuda else 0.0
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
+    head = f"wall {wall * 1e3:.1f} ms (profiled); device busy {device_us / 1e3:.1f} ms; kernel launches {launches}"
+    tables = [head]
+    for sort in (["self_device_time_total"] if cuda else []) + ["self_cpu_time_total"]:
+        tables += [f"\nsorted by {sort}", events.table(sort_by=sort, row_limit=30, max_name_column_width=70)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(tables))
 
 
 _SUMMARIES = {
@@ -461,7 +483,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", default="all", help=f"'all' or item ids, e.g. 'ab' (from {ITEMS})")
     parser.add_argument("--out", type=Path, default=None, help="folder for the JSON result (and the profile)")
     parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: checks the suite runs")
-    parser.add_argument("--profile", action="store_true", help="also profile one training step (torch profiler)")
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile f's training step and one decoded token (torch profiler)"
+    )
     parser.add_argument("--plot", type=Path, nargs="+", metavar="RESULT_JSON", help="only draw RESULT_JSONs to --out")
     args = parser.parse_args(argv)
     if args.plot:

@@ -55,11 +55,17 @@ class EngineOutput:
 
 @dataclass(frozen=True)
 class _Plan:
-    """What one chunk does: wake logits, a sleep, and which positions need logits."""
+    """What one chunk does: wake logits, a sleep, and which positions need logits.
+
+    `label_index` holds the flat (`B * C`) positions of the chunk's loss tokens when only some positions have one;
+    it is None when every position does (or none: no loss). It is found before the first chunk runs, so the head
+    never waits for the GPU to count them mid-forward.
+    """
 
     logits: bool
     sleep: bool
     all_logits: bool
+    label_index: Tensor | None = None
 
 
 def sequence_positions(valid: Tensor, mode: str, window: int) -> Tensor:
@@ -94,13 +100,18 @@ def chunk_bounds(length: int, window: int) -> list[tuple[int, int]]:
     return [(s, min(s + window, length)) for s in range(0, length, window)]
 
 
+def chunk_label_counts(targets: Tensor | None, bounds: Sequence[tuple[int, int]]) -> Tensor:
+    """`[chunks]` int64: the loss tokens in each chunk (all rows of the batch together)."""
+    if targets is None:
+        return torch.zeros(len(bounds), dtype=torch.long)
+    supervised = targets != IGNORE_INDEX
+    return torch.stack([supervised[:, s:e].sum() for s, e in bounds])
+
+
 def chunks_with_loss(targets: Tensor | None, bounds: Sequence[tuple[int, int]]) -> Tensor:
     """`[chunks]` bool: whether each chunk holds a loss token, which decides its wake/sleep plan (and so which
     modules run: under ZeRO-3 every process must agree on it)."""
-    if targets is None:
-        return torch.zeros(len(bounds), dtype=torch.bool)
-    supervised = targets != IGNORE_INDEX
-    return torch.stack([supervised[:, s:e].any() for s, e in bounds])
+    return chunk_label_counts(targets, bounds) > 0
 
 
 def _detach_states(states: States) -> States:
@@ -148,8 +159,12 @@ class SleepEngine:
         positions = sequence_positions(valid, cfg.positions, cfg.window)
         targets = next_token_targets(labels, valid) if labels is not None else None
         bounds = chunk_bounds(length, cfg.window)
-        chunk_has_loss = chunks_with_loss(targets, bounds).tolist()
-        padded = self._chunk_padded(valid, bounds)
+        label_counts, padded = self._chunk_facts(targets, valid, bounds)
+        chunk_has_loss = [count > 0 for count in label_counts]
+        label_index = [
+            self._label_index(targets[:, s:e]) if not return_logits and 0 < count < targets[:, s:e].numel() else None
+            for (s, e), count in zip(bounds, label_counts, strict=True)
+        ]
 
         states: States = [None] * len(self.adapter.blocks)
         windows: Windows = [None] * len(self.adapter.blocks)
@@ -158,11 +173,11 @@ class SleepEngine:
         for index, (s, e) in enumerate(bounds):
             has_next = e < length
             if cfg.sleep_on == "every_chunk":
-                wants_logits = return_logits or chunk_has_loss[index]
-                plan = _Plan(logits=wants_logits, sleep=has_next, all_logits=return_logits)
+                wants_logits, sleeps = return_logits or chunk_has_loss[index], has_next
             else:  # context_only: a chunk with loss tokens wakes; one without sleeps
                 wakes = chunk_has_loss[index] or not has_next
-                plan = _Plan(logits=wakes or return_logits, sleep=has_next and not wakes, all_logits=return_logits)
+                wants_logits, sleeps = wakes or return_logits, has_next and not wakes
+            plan = _Plan(wants_logits, sleeps, all_logits=return_logits, label_index=label_index[index])
             chunk = self._chunk(s, e, positions, valid, padded[index])
             chunk_targets = targets[:, s:e] if targets is not None else None
             part_loss, logits, states, windows = self._call_chunk(
@@ -175,7 +190,7 @@ class SleepEngine:
             if cfg.truncate_chunks is not None and (index + 1) % cfg.truncate_chunks == 0:
                 states, windows = _detach_states(states), _detach_windows(windows)
 
-        num_label_tokens = int((targets != IGNORE_INDEX).sum()) if targets is not None else 0
+        num_label_tokens = sum(label_counts)
         loss = loss_sum / max(num_label_tokens, 1) if targets is not None else None
         logits = torch.cat(logits_parts, dim=1) if return_logits else None
         return EngineOutput(loss, logits, states, windows, num_label_tokens)
@@ -238,7 +253,7 @@ class SleepEngine:
             wake_coda_states = list(states)
             h_out = self._run_blocks(self.coda, h, wake_coda_states, windows, chunk, chunk_kv)
             if plan.logits:
-                loss_sum, logits = self._head(h_out, targets, plan.all_logits)
+                loss_sum, logits = self._head(h_out, targets, plan)
 
         if plan.sleep:
             h = self._sleep_passes(h, new_states, windows, chunk)
@@ -300,13 +315,13 @@ class SleepEngine:
                 chunk_kv[i] = kv
         return h
 
-    def _head(self, h: Tensor, targets: Tensor | None, all_logits: bool) -> tuple[Tensor | None, Tensor | None]:
-        """Summed cross-entropy over label positions, and logits when asked for.
+    def _head(self, h: Tensor, targets: Tensor | None, plan: _Plan) -> tuple[Tensor | None, Tensor | None]:
+        """Summed cross-entropy over label positions, and logits when the plan asks for all of them.
 
-        Without `all_logits`, the head runs on label positions only: for a large vocabulary and few
-        supervised tokens per chunk, that is most of the head's memory and time saved.
+        Otherwise the head runs on `plan.label_index` positions only (all when it is None): for a large vocabulary
+        and few supervised tokens per chunk, that saves most of the head's memory and time.
         """
-        if all_logits:
+        if plan.all_logits:
             logits = self.adapter.head(h)
             if targets is None:
                 return None, logits
@@ -314,9 +329,10 @@ class SleepEngine:
             return loss, logits
         if targets is None:
             return None, None
-        selected = targets != IGNORE_INDEX
-        logits = self.adapter.head(h[selected])
-        return F.cross_entropy(upcast(logits), targets[selected], reduction="sum"), None
+        h, targets = h.flatten(0, 1), targets.flatten()
+        if plan.label_index is not None:
+            h, targets = h.index_select(0, plan.label_index), targets.index_select(0, plan.label_index)
+        return F.cross_entropy(upcast(self.adapter.head(h)), targets, reduction="sum"), None
 
     # ------------------------------------------------------------------ helpers
 
@@ -343,5 +359,21 @@ class SleepEngine:
         return Chunk(s, chunk_positions, valid[:, s:e], rope, self._eviction_window(), padded)
 
     @staticmethod
-    def _chunk_padded(valid: Tensor, bounds: Sequence[tuple[int, int]]) -> list[bool]:
-        return torch.stack([~valid[:, s:e].all() for s, e in bounds]).tolist()
+    def _label_index(targets: Tensor) -> Tensor:
+        """Flat positions of a chunk's loss tokens (found with the chunk facts, before any chunk is queued)."""
+        return (targets != IGNORE_INDEX).flatten().nonzero().squeeze(1)
+
+    @staticmethod
+    def _chunk_facts(
+        targets: Tensor | None, valid: Tensor, bounds: Sequence[tuple[int, int]]
+    ) -> tuple[list[int], list[bool]]:
+        """Per chunk: its loss-token count and whether it holds padding, in one device-to-host copy.
+
+        This is the forward's only wait for the GPU, and it comes before any chunk is queued: a wait in mid-forward
+        would drain the queue that the host had filled ahead of the GPU (about 45 ms of a 2B model's step on an
+        H100; benchmarks/README.md, item b).
+        """
+        counts = chunk_label_counts(targets, bounds).to(valid.device)
+        padded = torch.stack([~valid[:, s:e].all() for s, e in bounds]).long()
+        facts = torch.stack([counts, padded], dim=1).tolist()
+        return [count for count, _ in facts], [bool(flag) for _, flag in facts]

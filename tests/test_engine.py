@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 from retrofit import SleepConfig, SleepEngine, apply_sleep
@@ -49,6 +50,46 @@ def test_head_at_label_positions_only_gives_the_same_loss():
     labels[:, :20] = -100
     engine = engine_for(model, window=7, passes=2)
     assert close(engine.forward(ids, labels=labels).loss, engine.forward(ids, labels=labels, return_logits=True).loss)
+
+
+# Ops whose result the host must wait for (a device-to-host read): on a GPU each drains the queued kernels.
+HOST_READS = {"aten::nonzero", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::masked_select"}
+
+
+class RecordOps(TorchDispatchMode):
+    def __init__(self, log: list[str]) -> None:
+        super().__init__()
+        self.log = log
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        is_bool_index = name == "aten::index" and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]
+        )
+        self.log.append("aten::nonzero" if is_bool_index else name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("sleep_on", ["every_chunk", "context_only"])
+def test_forward_reads_nothing_back_once_blocks_run(sleep_on):
+    """Counting loss tokens or finding their positions after the first block is queued would make the host wait
+    for all the GPU work queued so far (item b of the benchmarks); the engine reads them before."""
+    model = tiny_hybrid()
+    ids, labels = random_batch(2, 30, model.config.vocab_size)
+    labels[0, :12], labels[1, 20:25] = -100, -100  # chunks with some, all and no loss tokens (window 7)
+    labels[:, 7:14] = -100
+    log: list[str] = []
+    hooks = [b.register_forward_pre_hook(lambda *_: log.append("block")) for b in model.get_sleep_adapter().blocks]
+    engine = engine_for(model, window=7, passes=2, sleep_on=sleep_on)
+    with RecordOps(log):
+        loss = engine.forward(ids, labels=labels).loss
+    for hook in hooks:
+        hook.remove()
+    first_block = log.index("block")
+    assert HOST_READS & set(log[:first_block]), "the test no longer sees the up-front reads"
+    assert not HOST_READS & set(log[first_block:]), [op for op in log[first_block:] if op in HOST_READS]
+    reference = engine_for(model, window=7, passes=2, sleep_on=sleep_on).forward(ids, labels=labels, return_logits=True)
+    assert close(loss, reference.loss)
 
 
 def test_context_only_equals_every_chunk_with_one_pass():

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from retrofit.blocks import Chunk, KVWindow
+from retrofit.layers.attention import Attention
 from retrofit.layers.norm import RMSNorm
+from retrofit.layers.rope import RotaryEmbedding
 
 
 def test_rms_norm_matches_qwen2_formula():
@@ -24,3 +30,38 @@ def test_rms_norm_matches_qwen2_formula():
     out = norm(low)
     assert out.dtype == torch.float32  # a float32 weight times the bf16 normalised input, as in Qwen2
     torch.testing.assert_close(out, norm.weight * normed.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def _kernel_names(fn) -> set[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {event.key for event in prof.key_averages()}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_decoded_token_attention_avoids_cudnn():
+    """cuDNN's attention plans per shape, and a decoded token's key count changes every step (item d of the
+    benchmarks); the layer keeps single queries off it, with the same result as the math kernel."""
+    torch.manual_seed(0)
+    layer = Attention(512, 8, 2, 64).cuda().to(torch.bfloat16)
+    x = torch.randn(1, 1, 512, device="cuda", dtype=torch.bfloat16)
+    keys, values = (torch.randn(1, 2, 300, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    valid = torch.ones(1, 300, dtype=torch.bool, device="cuda")
+    window = KVWindow(keys, values, valid, 0, False)
+    positions = torch.tensor([[300]], device="cuda")
+    chunk = Chunk(300, positions, valid[:, :1], RotaryEmbedding(64, 10000.0)(positions, torch.bfloat16), None, False)
+    q = torch.randn(1, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
+    plain = _kernel_names(lambda: F.scaled_dot_product_attention(q, keys, values, enable_gqa=True))
+    if not any("cudnn" in name for name in plain):
+        pytest.skip("torch does not pick cuDNN attention for a single query on this machine")
+    with torch.no_grad():
+        names = _kernel_names(lambda: layer(x, None, window, chunk))
+        out = layer(x, None, window, chunk)[0]
+        with sdpa_kernel([SDPBackend.MATH]):
+            reference = layer(x, None, window, chunk)[0]
+    assert not any("cudnn" in name for name in names), sorted(n for n in names if "cudnn" in n)
+    torch.testing.assert_close(out, reference, rtol=2e-2, atol=2e-2)

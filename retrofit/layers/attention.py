@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from retrofit.blocks import Chunk, KVWindow
 from retrofit.layers.rope import apply_rotary
@@ -24,6 +27,12 @@ def attention_mask(keys: KVWindow, chunk: Chunk, window: int | None) -> Tensor:
         allowed = allowed & (distance < window)
     allowed = (allowed[None] & keys.valid[:, None, :]) | (distance == 0)[None]
     return allowed[:, None]
+
+
+# SDPA backends for a decoded token. cuDNN's attention is left out: it builds an execution plan per shape, which
+# took ~10 ms of host time per call on an H100 (torch 2.11, benchmarks/README.md, item d), and a decoded token's key
+# count grows by one every step, so no plan is ever reused; the rest need no plan.
+DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def _min_window(*windows: int | None) -> int | None:
@@ -84,7 +93,8 @@ class Attention(nn.Module):
                 repeats = self.num_heads // self.num_kv_heads
                 keys_, values = keys_.repeat_interleave(repeats, 1), values.repeat_interleave(repeats, 1)
                 grouped = False
-        out = F.scaled_dot_product_attention(
-            q, keys_, values, attn_mask=mask, is_causal=plain_causal, enable_gqa=grouped
-        )
+        with sdpa_kernel(DECODE_BACKENDS) if length == 1 else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(
+                q, keys_, values, attn_mask=mask, is_causal=plain_causal, enable_gqa=grouped
+            )
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1)), None, own
