@@ -14,14 +14,18 @@ accumulates 4 micro-batches, two processes 2 each. AdamW (Muon is refused under 
 
 Each run is `accelerate launch` (the command `retrofit.launch` builds) of `benchmarks.distributed_worker`, which is
 `retrofit train` recording per-step metrics and peak memory; each in its own process group under a timeout. A run
-that fails or times out is recorded with its log's tail and the others go on. Order:
-1. the single-GPU references of both models at once (tiny on GPU 0, 2B on GPU 1);
-2. tiny on 2 GPUs: DDP, ZeRO-2, ZeRO-3 (checkpoints at steps 10 and 20);
-3. 2B on 2 GPUs: ZeRO-3, ZeRO-2, DDP (their checkpoints are deleted after the run, to spare disk);
-4. tiny ZeRO-3 checks: resumed from the step-10 checkpoint; a frozen base (one stage training only the Jet mixers
-   of the looped blocks, with weight decay, so a frozen weight that DeepSpeed still steps would move); the sleep
-   blocks as ZeRO-3 leaf modules (DeepSpeed's `zero_optimization.leaf_module`);
-5. reload: every run's `model/` folder through `from_pretrained`, and its loss on a fixed batch.
+that fails or times out is recorded with its log's tail and the others go on. Runs go in groups; a group's runs
+start together:
+1. the single-GPU references of both models (tiny on GPU 0, 2B on GPU 1);
+2. tiny on 2 GPUs, all at once (the tiny runs are small and their numbers do not depend on timing; their tokens/s
+   are marked as shared): DDP, ZeRO-2, ZeRO-3 (checkpoints at steps 10 and 20), and ZeRO-3 with a frozen base (one
+   stage training only the Jet mixers of the looped blocks, with weight decay, so a frozen weight that DeepSpeed
+   still steps would move);
+3. tiny ZeRO-3 resumed from the step-10 checkpoint;
+4. 2B on 2 GPUs, one at a time, so that their tokens/s measure 1 -> 2 GPU scaling: ZeRO-3, ZeRO-2, DDP (their
+   checkpoints are deleted after the run, to spare disk);
+5. tiny ZeRO-3 with the sleep blocks as ZeRO-3 leaf modules (DeepSpeed's `zero_optimization.leaf_module`);
+6. reload: every run's `model/` folder through `from_pretrained`, and its loss on a fixed batch.
 Runs that would not fit in what is left of `--budget-s` are skipped (recorded as such); rerun with `--only`.
 
 Pass criteria, bf16 (`--tol-first`, `--tol-all`): per-step loss relative to the single-GPU run's at most 1e-2 at
@@ -81,6 +85,9 @@ class Run:
     from_step: int = 1  # first step compared
     tolerance_all: float | None = None  # overrides --tol-all (resume: 1e-3)
     min_seconds: float = 60  # skipped when less time is left
+    group: int = 0  # runs of one group start together; groups go in order
+    shares_gpus: bool = False  # other runs of its group use the same GPUs (its tokens/s are not a measurement)
+    port: int = 29500  # the rendezvous port of its processes, distinct within a group
 
 
 def model_config(model: str) -> dict[str, Any]:
@@ -145,21 +152,23 @@ def plan_runs(out: Path) -> list[Run]:
         return Run(name, model, mode, processes, recipe, reference=reference, **kwargs)
 
     big = {"min_seconds": 150}
+    shared = {"shares_gpus": True}
     runs = [
-        run("tiny", "single_gpu", checkpoint_every=RESUME_STEP, gpus="0"),
-        run("2b", "single_gpu", gpus="1", **big),
-        *(run("tiny", mode, checkpoint_every=RESUME_STEP) for mode in TWO_GPU_MODES),
-        *(run("2b", mode, **big) for mode in reversed(TWO_GPU_MODES)),
-    ]
-    original = out / "runs" / "tiny-zero3" / "out" / "checkpoints" / f"step_{RESUME_STEP:06d}"
-    resumed = run("tiny", "zero3", "_resume", extra=["--resume", str(original)], from_step=RESUME_STEP + 1)
-    resumed.reference, resumed.tolerance_all = "tiny/zero3", 1e-3
-    frozen = run("tiny", "zero3", "_frozen", checkpoint_every=RESUME_STEP)
+        run("tiny", "single_gpu", checkpoint_every=RESUME_STEP, gpus="0", group=0),
+        run("2b", "single_gpu", gpus="1", group=0, port=29501, **big),
+        *(run("tiny", mode, checkpoint_every=RESUME_STEP, group=1, port=29510 + i, **shared)
+          for i, mode in enumerate(TWO_GPU_MODES)),
+    ]  # fmt: skip
+    frozen = run("tiny", "zero3", "_frozen", checkpoint_every=RESUME_STEP, group=1, port=29513, **shared)
     frozen.recipe["stages"] = [{"name": "mixers", "max_steps": STEPS, "trainable": FROZEN_PATTERNS}]
     frozen.recipe["optimizer"]["adamw"]["weight_decay"] = 0.1
     frozen.reference = None
-    leaves = run("tiny", "zero3", "_leaf", leaves=True)
-    return [*runs, resumed, frozen, leaves]
+    original = out / "runs" / "tiny-zero3" / "out" / "checkpoints" / f"step_{RESUME_STEP:06d}"
+    resumed = run("tiny", "zero3", "_resume", extra=["--resume", str(original)], from_step=RESUME_STEP + 1, group=2)
+    resumed.reference, resumed.tolerance_all = "tiny/zero3", 1e-3
+    big_runs = [run("2b", mode, group=3 + i, **big) for i, mode in enumerate(reversed(TWO_GPU_MODES))]
+    leaves = run("tiny", "zero3", "_leaf", leaves=True, group=6)
+    return [*runs, frozen, resumed, *big_runs, leaves]
 
 
 def prepare(run: Run, out: Path) -> tuple[list[str], dict[str, str]]:
@@ -178,7 +187,8 @@ def prepare(run: Run, out: Path) -> tuple[list[str], dict[str, str]]:
     write_deepspeed_config(plan)
     settings = [arg for item in run.overrides for arg in ("--set", item)]
     program = ["-m", "benchmarks.distributed_worker", "train", str(recipe_path), *settings, *run.extra]
-    command = launch_command(plan, program)
+    launcher = launch_command(plan, program)[: -len(program)]
+    command = [*launcher, "--main_process_port", str(run.port), *program]
     env = child_env(BENCH_RUN_DIR=str(folder))
     if run.gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = run.gpus
@@ -249,6 +259,7 @@ def collect(run: Run, out: Path, status: str, code: int | None, seconds: float, 
         "command": shlex.join(command),
         "losses": {int(s): r["train/loss"] for s, r in sorted(steps.items())},
         "tokens_per_s": statistics.median(speeds) if speeds else None,
+        "shares_gpus": run.shares_gpus,
         "peak_memory": memory,
     }
     if status != "ok":
@@ -370,7 +381,8 @@ def write_report(out: Path, report: dict) -> None:
             f"| {r['run']} | {r['status']} | {_num(losses.get(min(losses)) if losses else None)} | "
             f"{_num(losses.get(max(losses)) if losses else None)} | {_num(cmp and cmp['rel_first'], '.1e')} | "
             f"{_num(cmp and cmp['rel_max'], '.1e')} | {'yes' if cmp and cmp['passed'] else ('no' if cmp else '-')} | "
-            f"{_num(r.get('tokens_per_s'), ',.0f')} | {peak} | {r.get('wall_s', '-')} |"
+            f"{_num(r.get('tokens_per_s'), ',.0f')}{' (shared)' if r.get('shares_gpus') else ''} | {peak} | "
+            f"{r.get('wall_s', '-')} |"
         )
     lines += ["", "## Checks", ""]
     for name, check in report["checks"].items():
@@ -444,12 +456,8 @@ def main(argv: list[str] | None = None) -> int:
         report["runs"].append(result)
         write_report(out, report)
 
-    queue = list(runs)
-    while queue:
-        # the single-GPU references go two at a time, one per GPU
-        batch = [queue.pop(0)]
-        if batch[0].mode == "single_gpu" and queue and queue[0].mode == "single_gpu":
-            batch.append(queue.pop(0))
+    for group in sorted({r.group for r in runs}):
+        batch = [r for r in runs if r.group == group]
         left = budget_end - time.monotonic()
         ready = [r for r in batch if r.min_seconds <= left]
         for r in batch:
@@ -461,12 +469,14 @@ def main(argv: list[str] | None = None) -> int:
             command, env = prepared[r.name]
             log = out / "logs" / f"{run_dir(r.name, out).name}.log"
             procs.append((r, command, time.monotonic(), start(command, env, log)))
+        finished = []
         for r, command, t0, proc in procs:
             status, code = finish(proc, deadline)
-            record(r, collect(r, out, status, code, time.monotonic() - t0, command))
+            finished.append((r, collect(r, out, status, code, time.monotonic() - t0, command)))
+        for r, result in sorted(finished, key=lambda item: item[0].reference is not None):  # references first
+            record(r, result)
             if r.model == "2b":
                 shutil.rmtree(run_dir(r.name, out) / "out" / "checkpoints", ignore_errors=True)
-        for r in ready:
             if r.name == "tiny/zero3_frozen":
                 report["checks"]["frozen base under zero3"] = frozen_check(r, out)
                 write_report(out, report)
