@@ -39,6 +39,18 @@ from retrofit.layers.gated_deltanet import GatedDeltaRuleMixer, ShortConvolution
 from retrofit.ops import dynamic_conv
 
 
+class KernelProjection(nn.Linear):
+    """The generator's output layer (upstream's `w2`): its bias is the static part of the kernel, `[dim * taps]` in
+    `(dim, tap)` order, so a from-scratch model draws that bias as `nn.Conv1d` draws its kernel."""
+
+    def __init__(self, in_features: int, dim: int, kernel_size: int) -> None:
+        super().__init__(in_features, dim * kernel_size, bias=True)
+        self.dim, self.kernel_size = dim, kernel_size
+
+    def initial_static_kernel(self) -> Tensor:
+        return ShortConvolution.initial_weight((self.dim, 1, self.kernel_size)).flatten()
+
+
 class KernelGenerator(nn.Module):
     """`w2(silu(w1 x))`: one `[dim, kernel_size]` conv kernel per token (upstream's `kernel_generator`); w2's bias is
     the static part of the kernel."""
@@ -47,11 +59,7 @@ class KernelGenerator(nn.Module):
         super().__init__()
         self.dim, self.kernel_size = dim, kernel_size
         self.w1 = nn.Linear(input_size, hidden_size, bias=False)
-        self.w2 = nn.Linear(hidden_size, dim * kernel_size, bias=True)
-
-    def initial_static_kernel(self) -> Tensor:
-        """A from-scratch init for w2's bias (the static kernel): `nn.Conv1d`'s, in w2's `(dim, tap)` layout."""
-        return ShortConvolution.initial_weight((self.dim, 1, self.kernel_size)).flatten()
+        self.w2 = KernelProjection(hidden_size, dim, kernel_size)
 
     def forward(self, x: Tensor) -> Tensor:
         """x `[B, T, input_size]` -> kernels `[B, T, dim, kernel_size]`."""
@@ -59,13 +67,13 @@ class KernelGenerator(nn.Module):
 
 
 def init_static_kernel(module: nn.Module) -> None:
-    """Set a from-scratch `KernelGenerator`'s static kernel; families call it from `_init_weights`.
+    """Set a from-scratch `KernelProjection`'s static kernel (its bias); families call it from `_init_weights`.
 
-    It acts on the generator, w2's parent, and not higher up: under ZeRO-3, transformers gathers only a module's own
-    and its direct children's parameters while it initialises that module.
+    It acts on the parameter's own module: under ZeRO-3, transformers 5.17 gathers only the parameters of the module
+    it initialises (later versions add its direct children's), so nothing else is there to read or write.
     """
-    if isinstance(module, KernelGenerator):
-        init.copy_(module.w2.bias, module.initial_static_kernel())
+    if isinstance(module, KernelProjection):
+        init.copy_(module.bias, module.initial_static_kernel())
 
 
 class DynamicShortConvolution(nn.Module):
