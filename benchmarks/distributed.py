@@ -33,7 +33,7 @@ Pass criteria, bf16 (`--tol-first`, `--tol-all`): per-step loss relative to the 
 step 1 and 5e-2 at every step. DDP autocasts from fp32 weights like the reference, so it differs by reduction order
 only; DeepSpeed runs the forward on bf16 weights (2^-8 = 4e-3 relative rounding per weight) and 20 AdamW steps
 carry early differences along. The resumed run's steps 11-20 must match the original's within 1e-3 relative. The
-frozen run's frozen weights must be bitwise equal at steps 10 and 20 and its trainable ones must change. Reload:
+frozen run's frozen weights must be bitwise equal at steps 10 and 20 and its trainable matrices must change. Reload:
 no missing or unexpected keys, loss within `--tol-all` of the single-GPU model's.
 
 Output under `--out` (default `$OUT`): `distributed.json` and `distributed.md` (rewritten after every run, so a
@@ -297,7 +297,12 @@ def compare(result: dict, reference: dict | None, run: Run, tol_first: float, to
 
 
 def frozen_check(run: Run, out: Path) -> dict:
-    """Frozen weights equal between the step-10 checkpoint and the final model; trainable ones changed."""
+    """Frozen weights equal between the step-10 checkpoint and the final model; trainable matrices changed.
+
+    The saved weights are 16-bit (ZeRO-3 gathers them so), and 20 AdamW steps of 3e-4 move a per-head scalar such
+    as `A_log` (about 2) by less than bf16's spacing there (2^-6), so only trainable matrices must show the change;
+    the unchanged trainable vectors are listed.
+    """
     from safetensors.torch import load_file
 
     folder = run_dir(run.name, out) / "out"
@@ -309,12 +314,14 @@ def frozen_check(run: Run, out: Path) -> dict:
     trainable = [n for n in after if any(fnmatch.fnmatchcase(n, p) for p in FROZEN_PATTERNS)]
     moved = [n for n in after if n not in trainable and not bool((before[n] == after[n]).all())]
     still = [n for n in trainable if bool((before[n] == after[n]).all())]
+    still_matrices = [n for n in still if after[n].ndim >= 2]
     return {
         "trainable": len(trainable),
         "frozen": len(after) - len(trainable),
         "frozen_that_changed": moved[:10],
-        "trainable_that_did_not_change": still[:10],
-        "passed": bool(trainable) and not moved and not still,
+        "trainable_matrices_that_did_not_change": still_matrices[:10],
+        "trainable_vectors_that_did_not_change": [n for n in still if n not in still_matrices][:10],
+        "passed": bool(trainable) and not moved and not still_matrices,
     }
 
 

@@ -8,6 +8,7 @@ import json
 import shlex
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -454,6 +455,31 @@ def test_outside_zero3_batches_are_left_alone(tiny):
 def test_leaf_modules_are_the_block_classes(tiny):
     model, _, _ = tiny
     assert distributed.sleep_block_class_names(model) == ["retrofit.layers.decoder.DecoderLayer"]
+
+
+class FakeZero3View:
+    """What transformers consults (through a weak reference) to decide whether to build a model inside zero.Init."""
+
+    def is_zero3(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("stage", [3, 2, None])
+def test_under_zero3_models_are_built_whole_and_transformers_sees_zero3_again_after(monkeypatch, stage):
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    view = FakeZero3View()  # kept alive: transformers holds it weakly, as it holds accelerate's
+
+    def install() -> None:
+        monkeypatch.setattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", weakref.ref(view))
+
+    install()
+    accelerator = fake_accelerator(stage)
+    accelerator.state.deepspeed_plugin.set_deepspeed_weakref = install
+    with distributed.whole_model_init(accelerator):
+        inside = hf_deepspeed.is_deepspeed_zero3_enabled()
+    assert inside is (stage != 3)  # only ZeRO-3 changes how models are built
+    assert hf_deepspeed.is_deepspeed_zero3_enabled()
 
 
 def test_under_deepspeed_every_process_gathers_and_only_the_main_one_keeps_the_weights():

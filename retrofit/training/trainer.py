@@ -49,6 +49,7 @@ from retrofit.training.distributed import (
     configure_distributed,
     gather_state_dict,
     micro_step,
+    whole_model_init,
     zero_stage,
 )
 from retrofit.training.stages import check_trainable, describe_stage, enter_stage, stage_at, trainable_names
@@ -108,7 +109,8 @@ def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = 
         shutil.rmtree(output_dir / CHECKPOINTS, ignore_errors=True)
     accelerator.wait_for_everyone()
     set_seed(recipe.seed)
-    model = build_model(resolved)
+    with whole_model_init(accelerator):  # the same initial weights in every launch mode
+        model = build_model(resolved)
     candidates = trainable_names(model)  # what the stages choose from; the optimizer holds all of it
     check_trainable(model, resolved.stages, candidates)
     if zero_stage(accelerator) is not None:  # ZeRO fixes what trains when its engine is built
@@ -258,7 +260,8 @@ def dry_run(loaded: LoadedRecipe, examples: int = 2) -> DryRunReport:
     accelerator = make_accelerator(recipe, trackers=False)
     accum = accumulation_steps(recipe, accelerator.num_processes)
     set_seed(recipe.seed)
-    model = build_model(resolved)
+    with whole_model_init(accelerator):  # the same initial weights in every launch mode
+        model = build_model(resolved)
     summary = ModelSummary.of(model)
     candidates = trainable_names(model)
     check_trainable(model, resolved.stages, candidates)
