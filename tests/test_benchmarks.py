@@ -63,3 +63,39 @@ def test_kept_autotune_results_are_valid_json():
     for name in kept:
         record = json.loads((triton_cache.SEEDS / name).read_text())
         assert record["configs_timings"] and "key" in record, name
+
+
+def _run(name: str, mode: str, losses: dict, **more) -> dict:
+    return {"run": name, "model": name.split("/")[0], "mode": mode, "status": "ok", "losses": losses, **more}
+
+
+def test_distributed_reports_of_two_calls_merge(tmp_path):
+    """A rerun replaces the earlier run and is compared anew with the single-GPU reference of the other call; a
+    check that could not run in the later call keeps the earlier result."""
+    from benchmarks import distributed
+
+    steps = range(1, distributed.STEPS + 1)
+    single = {str(s): 4.0 for s in steps}
+    environment = {"date": "2026-11-22", "gpus": [], "versions": {}}
+    tolerances = {"first": 1e-2, "all": 5e-2}
+    first = {
+        "environment": environment,
+        "tolerances": tolerances,
+        "runs": [
+            _run("tiny/single_gpu", "single_gpu", single),
+            _run("tiny/zero3", "zero3", {str(s): 4.4 for s in steps}, comparison={"passed": False}),
+        ],
+        "checks": {"frozen base under zero3": {"passed": True}},
+    }
+    second = {
+        "environment": environment,
+        "tolerances": tolerances,
+        "runs": [_run("tiny/zero3", "zero3", {str(s): 4.0 * (1 + 1e-3) for s in steps})],
+        "checks": {"frozen base under zero3": {"passed": False, "error": "missing checkpoint"}},
+    }
+    merged = distributed.merge_reports([first, second], tmp_path)
+    runs = {r["run"]: r for r in merged["runs"]}
+    assert set(runs) == {"tiny/single_gpu", "tiny/zero3"} and runs["tiny/zero3"]["call"] == 2
+    comparison = runs["tiny/zero3"]["comparison"]
+    assert comparison["passed"] and comparison["rel_max"] == pytest.approx(1e-3)
+    assert merged["checks"]["frozen base under zero3"] == {"passed": True}
