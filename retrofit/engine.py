@@ -369,9 +369,9 @@ class SleepEngine:
     ) -> tuple[list[int], list[bool]]:
         """Per chunk: its loss-token count and whether it holds padding, in one device-to-host copy.
 
-        This is the forward's only wait for the GPU, and it comes before any chunk is queued: a wait in mid-forward
-        would drain the queue that the host had filled ahead of the GPU (about 45 ms of a 2B model's step on an
-        H100; benchmarks/README.md, item b).
+        This copy and the loss positions found right after it (`_label_index`) are the forward's only waits for the
+        GPU, and both come before any chunk is queued: a wait in mid-forward would drain the queue that the host had
+        filled ahead of the GPU (about 45 ms of a 2B model's step on an H100; benchmarks/README.md, item b).
         """
         counts = chunk_label_counts(targets, bounds).to(valid.device)
         padded = torch.stack([~valid[:, s:e].all() for s, e in bounds]).long()
