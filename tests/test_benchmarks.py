@@ -99,3 +99,38 @@ def test_distributed_reports_of_two_calls_merge(tmp_path):
     comparison = runs["tiny/zero3"]["comparison"]
     assert comparison["passed"] and comparison["rel_max"] == pytest.approx(1e-3)
     assert merged["checks"]["frozen base under zero3"] == {"passed": True}
+
+
+def test_distributed_reload_checks_merge_across_calls(tmp_path):
+    """A call that reloaded only the 2-GPU folders is scored against the reference folders another call reloaded."""
+    from benchmarks import distributed
+
+    def report(reloaded: dict) -> dict:
+        check = distributed.score_reload({"runs": reloaded}, "2b", tmp_path, 5e-2)
+        return {
+            "environment": {"date": "2026-11-22", "gpus": [], "versions": {}},
+            "tolerances": {"first": 1e-2, "all": 5e-2},
+            "runs": [],
+            "checks": {"reload 2b (from_pretrained)": check},
+        }
+
+    def entry(loss: float, missing: list[str] | None = None) -> dict:
+        return {"loss": loss, "missing_keys": missing or [], "unexpected_keys": []}
+
+    first = report({"2b/single_gpu": entry(2.0), "2b/zero2_1gpu": entry(2.1), "2b/zero3": entry(9.0)})
+    second = report({"2b/zero3": entry(2.12), "2b/zero2": entry(2.14), "2b/multi_gpu": entry(2.02)})
+    assert not first["checks"]["reload 2b (from_pretrained)"]["passed"]
+    assert "no reloaded 2b/single_gpu, 2b/zero2_1gpu" in second["checks"]["reload 2b (from_pretrained)"]["error"]
+    check = distributed.merge_reports([first, second], tmp_path)["checks"]["reload 2b (from_pretrained)"]
+    assert check["passed"] and set(check["runs"]) == {
+        "2b/single_gpu",
+        "2b/zero2_1gpu",
+        "2b/zero3",
+        "2b/zero2",
+        "2b/multi_gpu",
+    }
+    assert check["runs"]["2b/zero2"]["rel_to_reference"] == pytest.approx(0.04 / 2.1)
+    assert check["runs"]["2b/multi_gpu"]["rel_to_reference"] == pytest.approx(0.01)
+    third = report({"2b/multi_gpu": entry(2.0, missing=["lm_head.weight"])})
+    merged = distributed.merge_reports([first, second, third], tmp_path)
+    assert not merged["checks"]["reload 2b (from_pretrained)"]["passed"]

@@ -27,7 +27,8 @@ assumes one per leaf. Leaves were made for MoE experts, called at most once per 
 instead on `zero3.json`'s `stage3_max_reuse_distance` and `stage3_max_live_parameters` (1e9 elements each), which
 keep the loop range's weights gathered from one pass to the next once the module order repeats between steps; a
 per-parameter gradient hook fires once per backward however often the weight was used. `benchmarks/distributed.py`
-runs ZeRO-3 with and without leaves against one GPU; turn leaves on only where those losses agree.
+runs ZeRO-3 with leaves (`tiny/zero3_leaf`): under DeepSpeed 0.19.8 it stops in the first backward, on the
+assertion that a gradient bucket holds each parameter once (`stage3.py`, `__reduce_and_partition_ipg_grads`).
 
 Muon under ZeRO is refused (`retrofit.launch`); under DDP it runs unchanged.
 """
