@@ -49,11 +49,12 @@ from typing import Any, get_args
 
 from retrofit.recipes import LoadedRecipe, Recipe, RecipeError
 from retrofit.recipes.schema import LaunchMode
+from retrofit.shipped import shipped_dir
 from retrofit.training.data import accumulation_steps
 
 LAUNCH_MODES: tuple[str, ...] = get_args(LaunchMode)
 ZERO_MODES = ("zero2", "zero3")
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES_DIR = shipped_dir("recipes")
 ACCELERATE_CONFIGS = {
     "single_gpu": "single_gpu.yaml",
     "multi_gpu": "multi_gpu.yaml",

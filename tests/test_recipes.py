@@ -428,3 +428,11 @@ def test_shipped_recipe_validates_at_full_size(recipe, tmp_path):
     overrides = stand_in(recipe, tmp_path, build=False)
     resolved = resolve(load_recipe(recipe, overrides).recipe)
     assert resolved.sleep.window == resolved.task.window
+
+
+def test_a_shipped_recipe_loads_by_name_and_a_typo_names_the_closest(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no recipes/ here: the names resolve to the shipped folder
+    by_name, by_path = load_recipe("replicate/depo-n4"), load_recipe(REPO / "recipes" / "replicate" / "depo-n4.yaml")
+    assert by_name.recipe == by_path.recipe and by_name.recipe.sleep["passes"] == 4
+    with pytest.raises(RecipeError, match="did you mean rule110-tiny"):
+        load_recipe("rule110-tniy")

@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from retrofit.recipes.schema import Recipe
+from retrofit.shipped import shipped_recipes
 
 KeyPath = tuple[str, ...]
 
@@ -65,11 +66,22 @@ class LoadedRecipe:
             raise self.error(exc) from None
 
 
+def _recipe_path(name: str | os.PathLike) -> Path:
+    """The recipe file `name`: a path, else the name of a shipped recipe (`rule110-tiny`, `replicate/depo`)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = shipped_recipes()
+    if str(name) in shipped:
+        return shipped[str(name)]
+    close = difflib.get_close_matches(str(name), list(shipped), n=3)
+    hint = f"did you mean {' or '.join(close)}?" if close else f"shipped recipes: {', '.join(shipped)}"
+    raise RecipeError("", f"recipe file not found: {_display(path)} (check the path, or name a shipped recipe; {hint})")
+
+
 def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> LoadedRecipe:
     """Load, merge, override and validate the recipe at `path`; raise `RecipeError` on any problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError("", f"recipe file not found: {_display(path)} (check the path)")
+    path = _recipe_path(path)
     sources: dict[KeyPath, str] = {}
     data = _load_with_bases(path.resolve(), [], sources)
     for item in overrides:

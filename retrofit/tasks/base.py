@@ -24,9 +24,11 @@ from typing import Any, ClassVar, TypedDict
 import datasets
 from transformers import PreTrainedTokenizerBase
 
+from retrofit.shipped import shipped_dir
+
 IGNORE_INDEX = -100
 # The repository's data/ folder, which holds the frozen eval sets (data/<task>/eval.jsonl) and the tokenizers.
-DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+DATA_DIR = shipped_dir("data")
 EVAL_SPLIT = "eval"
 
 
