@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
         )
 
     train = commands.add_parser("train", help="train a recipe")
-    train.add_argument("recipe", type=Path, help="recipe YAML")
+    train.add_argument("recipe", type=Path, help="recipe YAML, or a shipped recipe's name (rule110-tiny)")
     overrides(train)
     train.add_argument(
         "--resume", metavar="PATH|auto", help="continue from a checkpoint folder, or from the latest one in output_dir"
@@ -81,12 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
 
     validate = commands.add_parser("validate", help="check a recipe (with --dry-run: build it and take one step)")
-    validate.add_argument("recipe", type=Path, help="recipe YAML")
+    validate.add_argument("recipe", type=Path, help="recipe YAML, or a shipped recipe's name (rule110-tiny)")
     overrides(validate)
     validate.add_argument(
         "--dry-run",
         action="store_true",
-        help="build model and data, apply sleep and run one optimizer step on 2 examples",
+        help="also build model and data, apply sleep and run one optimizer step per stage on a tiny batch",
     )
     validate.set_defaults(run=_validate)
 
@@ -123,7 +123,7 @@ def _train(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from retrofit.launch import check_launch, plan_launch
     from retrofit.recipes import load_recipe, resolve
-    from retrofit.training.trainer import dry_run
+    from retrofit.training.trainer import DRY_RUN_EXAMPLES, dry_run
 
     loaded = load_recipe(args.recipe, args.overrides)
     launch = loaded.recipe.launch
@@ -150,7 +150,7 @@ def _validate(args: argparse.Namespace) -> int:
         )
         print(f"passes per chunk: {report.passes}")
         print(
-            f"one optimizer step on 2 examples: loss {report.loss:.4f} ({report.device}, "
+            f"one optimizer step on {DRY_RUN_EXAMPLES} examples: loss {report.loss:.4f} ({report.device}, "
             f"mixed precision {report.precision})"
         )
         for line in report.stages:

@@ -80,6 +80,14 @@ class SleepConfig:
                 fail(name, f"choose one of {', '.join(choices)}")
         if self.wake_passes > self.passes:
             fail("wake_passes", f"it cannot exceed passes ({self.passes})")
+        sleep_only = self.passes - self.wake_passes  # the passes after the wake's, where a truncation can start
+        if self.grad_passes is not None and sleep_only < self.grad_passes < self.passes:
+            fail(
+                "grad_passes",
+                f"the first {self.wake_passes} of the {self.passes} passes are the wake's (wake_passes), which keep "
+                f"their gradients, so the last m passes can be the only ones with gradients for m <= {sleep_only}; "
+                f"use grad_passes <= {sleep_only}, or null (or >= {self.passes}) for all passes",
+            )
         if self.loop_range is not None:
             lr = self.loop_range
             if len(lr) != 2 or not all(isinstance(i, int) for i in lr) or not 0 <= lr[0] < lr[1]:

@@ -174,9 +174,9 @@ class SleepEngine:
             has_next = e < length
             if cfg.sleep_on == "every_chunk":
                 wants_logits, sleeps = return_logits or chunk_has_loss[index], has_next
-            else:  # context_only: a chunk with loss tokens wakes; one without sleeps
+            else:  # context_only: a chunk with loss tokens wakes; one without sleeps (the last one wakes anyway)
                 wakes = chunk_has_loss[index] or not has_next
-                wants_logits, sleeps = wakes or return_logits, has_next and not wakes
+                wants_logits, sleeps = return_logits or chunk_has_loss[index], has_next and not wakes
             plan = _Plan(wants_logits, sleeps, all_logits=return_logits, label_index=label_index[index])
             chunk = self._chunk(s, e, positions, valid, padded[index])
             chunk_targets = targets[:, s:e] if targets is not None else None

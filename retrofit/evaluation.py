@@ -181,6 +181,11 @@ def plot(result: EvalResult, history: Sequence[EvalResult], path: Path) -> None:
 
 
 def load_result(path: Path) -> EvalResult:
-    """Read back a `results.json` (or a per-step eval JSON)."""
-    data = json.loads(path.read_text())
-    return EvalResult(data["task"], data["step"], [Bucket(**b) for b in data["buckets"]])
+    """Read back a `results.json` (or a per-step eval JSON); a file that is not one is a `ValueError` naming it."""
+    try:
+        data = json.loads(path.read_text())
+        return EvalResult(data["task"], data["step"], [Bucket(**b) for b in data["buckets"]])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(
+            f"{path}: not an evaluation result of retrofit ({exc!r}); delete it or evaluate again"
+        ) from None

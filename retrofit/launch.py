@@ -200,13 +200,13 @@ class LaunchPlan:
     deepspeed_path: Path | None
 
 
-def plan_launch(recipe: Recipe, visible_gpus: int, mode: str | None = None) -> LaunchPlan:
-    """The launch of `recipe` (its `launch:` section, or `mode`) on a machine with `visible_gpus` GPUs.
+def plan_launch(recipe: Recipe, visible_gpus: int) -> LaunchPlan:
+    """The launch of `recipe` (its `launch:` section) on a machine with `visible_gpus` GPUs.
 
     The process count is `launch.num_processes`, else 1 for `single_gpu` and `visible_gpus` otherwise.
     """
     section = recipe.launch
-    mode = mode or (section.mode if section else None)
+    mode = section.mode if section else None
     if mode is None:
         raise RecipeError("launch", f"is not set; add launch: MODE with MODE one of {', '.join(LAUNCH_MODES)}")
     check_launch(recipe, mode)

@@ -30,8 +30,7 @@ import yaml
 
 from retrofit.config import SleepConfig
 from retrofit.evaluation import METRIC, EvalResult, load_result
-from retrofit.training.checkpoint import RECIPE_FILE
-from retrofit.training.trainer import EVAL_DIR
+from retrofit.training.checkpoint import EVAL_DIR, RECIPE_FILE
 
 RESULTS_FILE = "results.json"
 TENSORBOARD_DIR = "tensorboard"
@@ -82,7 +81,7 @@ def load_run(path: Path, *, unfinished: bool = False) -> Run:
     recipe = _read_recipe(path)
     results = path / RESULTS_FILE
     finished = results.is_file()
-    earlier = [load_result(p) for p in sorted((path / EVAL_DIR).glob("step_*.json"))]
+    earlier = [_read_result(p) for p in sorted((path / EVAL_DIR).glob("step_*.json"))]
     if not finished and not unfinished:
         raise ReportError(
             f"{path} is not a finished run: it has no {RESULTS_FILE} (written when training ends; the run may "
@@ -90,12 +89,19 @@ def load_run(path: Path, *, unfinished: bool = False) -> Run:
         )
     if not finished and not earlier:
         raise ReportError(f"{path} has neither {RESULTS_FILE} nor any evaluation in {EVAL_DIR}/: nothing to report")
-    final = load_result(results) if finished else earlier[-1]
+    final = _read_result(results) if finished else earlier[-1]
     history = [r for r in earlier if r.step < final.step] + [final]
     steps, tokens = tokens_seen_curve(path)
     evaluations = tuple(Evaluation(round(float(np.interp(r.step, steps, tokens))), r) for r in history)
     passes = (recipe.get("sleep") or {}).get("passes", SleepConfig.passes)
     return Run(path, recipe["task"]["name"], int(passes), int(recipe.get("seed", 0)), evaluations, finished)
+
+
+def _read_result(path: Path) -> EvalResult:
+    try:
+        return load_result(path)
+    except ValueError as exc:  # names the file
+        raise ReportError(str(exc)) from None
 
 
 def _read_recipe(path: Path) -> dict[str, Any]:

@@ -44,6 +44,20 @@ def test_one_pass_with_window_over_sequence_equals_plain_forward(eviction):
     assert close(out.loss, plain.loss)
 
 
+def test_a_last_chunk_without_loss_tokens_wakes_without_the_head():
+    """context_only: the last chunk wakes whether or not it has loss tokens; without any, the head has nothing to do."""
+    model = tiny_hybrid()
+    engine = engine_for(model, window=4, passes=2, sleep_on="context_only")
+    ids, labels = random_batch(2, 12, model.config.vocab_size)
+    labels[:, :5], labels[:, 8:] = -100, -100  # next-token targets 5..7: loss tokens in the middle chunk only
+    head, rows = engine.adapter.head, []
+    engine.adapter.head = lambda h: rows.append(h.shape[0]) or head(h)
+    loss = engine.forward(ids, labels=labels).loss
+    assert rows == [6]  # the middle chunk's 2 x 3 loss positions, once
+    reference = engine_for(model, window=4, passes=2, sleep_on="every_chunk").forward(ids, labels=labels).loss
+    assert close(loss, reference)  # the middle chunk sleeps in every_chunk too, and nothing after it counts
+
+
 def test_head_at_label_positions_only_gives_the_same_loss():
     model = tiny_hybrid()
     ids, labels = random_batch(2, 30, model.config.vocab_size)

@@ -147,6 +147,10 @@ MALFORMED = {
     "wrong type": (lambda t: _recipe(t, minimal(train={"max_steps": "many"})), "train.max_steps"),
     "window <= 0": (lambda t: _recipe(t, minimal(sleep={"window": 0})), "sleep.window"),
     "passes = 0": (lambda t: _recipe(t, minimal(sleep={"passes": 0})), "sleep.passes"),
+    "grad_passes inside the wake": (  # it would truncate nothing: the wake's passes keep their gradients
+        lambda t: _recipe(t, minimal(sleep={"passes": 4, "wake_passes": 2, "grad_passes": 3})),
+        "sleep.grad_passes: 3 is invalid: the first 2 of the 4 passes are the wake's",
+    ),
     "loop range out of bounds": (
         lambda t: _recipe(t, minimal(sleep={"loop_range": [0, 9]})),
         "sleep.loop_range: [0, 9] is out of bounds",

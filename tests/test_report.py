@@ -160,3 +160,12 @@ def test_an_unfinished_run_is_reported_up_to_its_last_evaluation_when_asked(runs
     shutil.rmtree(stopped / "eval")
     assert main(["report", str(stopped), "--out", str(out), "--unfinished"]) == 2
     assert "nothing to report" in capsys.readouterr().err
+
+
+def test_an_unreadable_evaluation_file_is_named(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "recipe.yaml").write_text("task: {name: rule110}\n")
+    (run / "eval" / "step_000010.json").write_text('{"task": "rule110", "st')  # cut short
+    assert main(["report", str(run), "--unfinished", "--out", str(tmp_path / "out")]) == 2
+    assert "step_000010.json: not an evaluation result" in capsys.readouterr().err

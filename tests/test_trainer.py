@@ -78,6 +78,24 @@ def test_run_writes_checkpoints_logs_results_and_a_loadable_model(tmp_path, caps
     assert "--resume auto" in capsys.readouterr().err
 
 
+def test_overwrite_replaces_what_comes_after_the_starting_point(tmp_path, capsys):
+    """A branch from an earlier checkpoint, and a fresh start, discard the later checkpoints and evaluations."""
+    recipe = micro_recipe(tmp_path)
+    run = tmp_path / "micro"
+    assert main(["train", str(recipe)]) == 0  # checkpoints at 4 and 6, evaluations at 3 and 6
+
+    def evaluations() -> list[str]:
+        return sorted(p.stem for p in (run / "eval").glob("*.json"))
+
+    branch = ["train", str(recipe), "--resume", str(run / "checkpoints" / "step_000004"), "--set", "eval.every_steps=5"]
+    assert main(branch) == 2  # step_000006 belongs to the first run
+    assert "later checkpoints (step_000006)" in capsys.readouterr().err
+    assert main([*branch, "--overwrite"]) == 0
+    assert evaluations() == ["step_000003", "step_000005", "step_000006"]
+    assert main(["train", str(recipe), "--overwrite", "--set", "eval.every_steps=4"]) == 0
+    assert evaluations() == ["step_000004", "step_000006"]
+
+
 def test_resume_after_sigkill_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     """Kill a run (SIGKILL) after its first checkpoint, resume it, and compare with a run never interrupted."""
     sections = {"train": {"max_steps": 12, "checkpoint_every": 4, "batch_size": 8}, "eval": {"every_steps": 0}}

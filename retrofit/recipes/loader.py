@@ -80,7 +80,8 @@ def _recipe_path(name: str | os.PathLike) -> Path:
 
 
 def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> LoadedRecipe:
-    """Load, merge, override and validate the recipe at `path`; raise `RecipeError` on any problem."""
+    """Load, merge, override and validate the recipe at `path` (or the shipped recipe of that name); raise
+    `RecipeError` on any problem."""
     path = _recipe_path(path)
     sources: dict[KeyPath, str] = {}
     data = _load_with_bases(path.resolve(), [], sources)

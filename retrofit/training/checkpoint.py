@@ -33,6 +33,7 @@ from retrofit.recipes import RecipeError
 from retrofit.training.distributed import gather_state_dict
 
 CHECKPOINTS = "checkpoints"
+EVAL_DIR = "eval"  # one JSON per evaluation during training, `step_NNNNNN.json`
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
 STATE_FILE = "trainer_state.json"
@@ -76,13 +77,18 @@ def register_model_hooks(accelerator: Accelerator, config_overrides: dict[str, A
             return
         model = accelerator.unwrap_model(models.pop())
         directory = Path(input_dir) / MODEL_DIR
+        fix = "resume with the recipe that wrote this checkpoint (its copy is in the checkpoint's recipe.yaml)"
         if isinstance(model, PeftModel):
             result = set_peft_model_state_dict(model, load_file(directory / ADAPTER_WEIGHTS_FILE))
             if result.unexpected_keys:
-                raise ValueError(f"{directory}: {result.unexpected_keys[0]} is not a weight of this run's adapter")
+                unexpected = result.unexpected_keys[0]
+                raise ValueError(f"{directory}: {unexpected} is not a weight of this run's adapter; {fix}")
             return
         saved = AutoModelForCausalLM.from_pretrained(directory, dtype=model.dtype)
-        model.load_state_dict(saved.state_dict())
+        try:
+            model.load_state_dict(saved.state_dict())
+        except RuntimeError as exc:  # torch lists the mismatched keys and shapes
+            raise ValueError(f"{directory} does not fit this run's model; {fix}. {exc}") from None
 
     accelerator.register_save_state_pre_hook(save_model)
     accelerator.register_load_state_pre_hook(load_model)
@@ -203,6 +209,29 @@ def load_model(path: Path) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(folder)
 
 
+def saved_step(checkpoint: Path) -> int:
+    """The step a checkpoint was saved at."""
+    return TrainerState(**json.loads((checkpoint / STATE_FILE).read_text())).step
+
+
+def discard_after(output_dir: Path, step: int) -> None:
+    """Delete the checkpoints and evaluation JSONs of `output_dir` after `step` (all of them for 0): what an
+    `--overwrite` run replaces."""
+    for checkpoint in list_checkpoints(output_dir):
+        if saved_step(checkpoint) > step:
+            shutil.rmtree(checkpoint)
+    for result in (output_dir / EVAL_DIR).glob(f"{_PREFIX}*.json"):
+        if int(result.stem.removeprefix(_PREFIX)) > step:
+            result.unlink()
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file, so a crash leaves the old file or the new one."""
+    tmp = path.with_name(_TMP + path.name)
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _fsync_tree(root: Path) -> None:
     """Flush the files of a checkpoint to disk before it is renamed into place."""
     for path in root.rglob("*"):
@@ -221,11 +250,19 @@ def resume_point(resume: str | None, output_dir: Path, *, overwrite: bool) -> Pa
         return existing[-1] if existing else None
     if resume is not None:
         path = Path(resume)
-        if path not in existing and not (path / "trainer_state.json").is_file():
+        if not (path / STATE_FILE).is_file():
             raise RecipeError(
                 "",
-                f"--resume {resume}: not a checkpoint (no trainer_state.json); use a "
-                f"{CHECKPOINTS}/step_* folder or --resume auto",
+                f"--resume {resume}: not a checkpoint (no {STATE_FILE}); "
+                f"use a {CHECKPOINTS}/step_* folder or --resume auto",
+                "command line",
+            )
+        later = [c.name for c in existing if saved_step(c) > saved_step(path)]
+        if later and not overwrite:
+            raise RecipeError(
+                "",
+                f"--resume {resume}: {output_dir} holds later checkpoints ({', '.join(later)}), which this run would "
+                "mix with its own; discard them with --overwrite, or branch off with --set output_dir=...",
                 "command line",
             )
         return path

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,17 +30,19 @@ from retrofit.recipes import LoadedRecipe, Recipe, ResolvedRecipe, ResolvedStage
 from retrofit.training.build import ModelSummary, build_model, describe_passes
 from retrofit.training.checkpoint import (
     ADAPTER_DIR,
-    CHECKPOINTS,
+    EVAL_DIR,
     MODEL_DIR,
     RECIPE_FILE,
     TrainerState,
     checkpoint_dir,
-    list_checkpoints,
+    discard_after,
     load_checkpoint,
     register_model_hooks,
     resume_point,
     save_checkpoint,
     save_model_files,
+    saved_step,
+    write_atomically,
 )
 from retrofit.training.data import accumulation_steps, micro_batch, micro_batch_indices
 from retrofit.training.distributed import (
@@ -54,7 +55,7 @@ from retrofit.training.distributed import (
 )
 from retrofit.training.stages import check_trainable, describe_stage, enter_stage, stage_at, trainable_names
 
-EVAL_DIR = "eval"
+DRY_RUN_EXAMPLES = 2  # the batch of `retrofit validate --dry-run`'s one step per stage
 
 
 class TrainingDiverged(RuntimeError):
@@ -105,8 +106,8 @@ def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = 
     accelerator = make_accelerator(recipe, trackers=True)
     configure_distributed(accelerator, recipe)  # refuses what this launch cannot run; fills DeepSpeed's "auto"s
     accum = accumulation_steps(recipe, accelerator.num_processes)
-    if overwrite and resume_from is None and accelerator.is_main_process:
-        shutil.rmtree(output_dir / CHECKPOINTS, ignore_errors=True)
+    if overwrite and accelerator.is_main_process:  # what comes after the starting point belongs to another run
+        discard_after(output_dir, saved_step(resume_from) if resume_from is not None else 0)
     accelerator.wait_for_everyone()
     set_seed(recipe.seed)
     with whole_model_init(accelerator):  # the same initial weights in every launch mode
@@ -135,8 +136,7 @@ def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = 
 
     pad_id = task.tokenizer.pad_token_id
     rank, world = accelerator.process_index, accelerator.num_processes
-    checkpoints = list_checkpoints(output_dir)
-    last_checkpoint = checkpoints[-1] if checkpoints else None
+    last_checkpoint = resume_from  # output_dir holds none after it (resume_point, discard_after)
 
     def evaluate_and_log() -> EvalResult:
         """Evaluate the model now; log the scalars and write this step's eval JSON."""
@@ -171,13 +171,16 @@ def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = 
         for micro in range(accum):
             indices = micro_batch_indices(micro, rank, world, recipe.micro_batch_size)
             batch = micro_batch(task, recipe.seed, step, indices, pad_id)
+            tokens += int(batch["attention_mask"].sum())  # on the host copy: no wait for the GPU
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             batch = align_sleep_plan(accelerator, batch, stage.sleep.window, pad_id)  # ZeRO-3: same calls everywhere
             loss_sum += micro_step(accelerator, model, batch, micro=micro, accum=accum)
-            tokens += int(batch["attention_mask"].sum())
 
         # ---- watchdog, clip, step
-        loss_value = accelerator.reduce(loss_sum, reduction="mean").item()
+        # one reduction for both: the mean loss over processes, and the tokens all of them saw (lengths vary)
+        totals = torch.stack([loss_sum.double(), torch.tensor(tokens, dtype=torch.float64, device=loss_sum.device)])
+        totals = accelerator.reduce(totals, reduction="sum").tolist()
+        loss_value, tokens = totals[0] / world, int(totals[1])
         # DeepSpeed clips (and steps) inside the last backward and reports the norm it saw, if any.
         norm = accelerator.clip_grad_norm_(model.parameters(), recipe.optimizer.grad_clip or math.inf)
         grad_norm = math.nan if norm is None else float(norm)
@@ -190,10 +193,10 @@ def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = 
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        state = TrainerState(step=step + 1, tokens_seen=state.tokens_seen + tokens * world)
+        state = TrainerState(step=step + 1, tokens_seen=state.tokens_seen + tokens)
 
         # ---- log
-        window_tokens += tokens * world
+        window_tokens += tokens
         progress.update(1)
         if state.step % train_cfg.log_every == 0 or state.step == train_cfg.max_steps:
             elapsed = time.perf_counter() - window_start
@@ -251,9 +254,9 @@ class DryRunReport:
     stages: tuple[str, ...] = ()  # one line per stage of a recipe with `stages:`
 
 
-def dry_run(loaded: LoadedRecipe, examples: int = 2) -> DryRunReport:
-    """Build model, training and eval data, apply sleep, and take one optimizer step on `examples` examples in each
-    stage (its sleep config and trainable parameters applied). Writes nothing.
+def dry_run(loaded: LoadedRecipe) -> DryRunReport:
+    """Build model, training and eval data, apply sleep, and take one optimizer step on `DRY_RUN_EXAMPLES` examples
+    in each stage (its sleep config and trainable parameters applied). Writes nothing.
     """
     recipe = loaded.recipe
     resolved = resolve(recipe)
@@ -269,7 +272,7 @@ def dry_run(loaded: LoadedRecipe, examples: int = 2) -> DryRunReport:
     scheduler = build_scheduler(optimizer, recipe.optimizer, recipe.train.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     load_eval_set(recipe.eval, resolved.eval_task)
-    batch = micro_batch(resolved.task, recipe.seed, 0, range(examples), resolved.task.tokenizer.pad_token_id)
+    batch = micro_batch(resolved.task, recipe.seed, 0, range(DRY_RUN_EXAMPLES), resolved.task.tokenizer.pad_token_id)
     losses, stage_lines = [], []
     for stage in resolved.stages:
         unwrapped = accelerator.unwrap_model(model)
@@ -318,7 +321,7 @@ def _log_eval(accelerator: Accelerator, result: EvalResult, output_dir: Path) ->
     if accelerator.is_main_process:
         path = output_dir / EVAL_DIR / f"step_{result.step:06d}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        write_atomically(path, json.dumps(result.to_dict(), indent=2) + "\n")
 
 
 def _eval_history(output_dir: Path, *, before: int) -> list[EvalResult]:
