@@ -107,3 +107,31 @@ def test_a_failed_run_shows_the_end_of_its_log_and_fails_the_sweep(tmp_path, mon
     assert "N=2 failed" in err and "CUDA out of memory in N=2" in err
     sweep = json.loads((tmp_path / "sweep.json").read_text())
     assert [(r["passes"], r["returncode"]) for r in sweep["runs"]] == [(1, 1), (2, 2)]
+
+
+def test_tuning_plans_n1_at_every_combination_after_the_overrides(tmp_path):
+    grid = ["optimizer.muon.lr=2e-3,1e-2", "optimizer.adamw.lr=5e-5,1e-3,3e-3"]
+    runs = replication.plan_tuning("depo", tmp_path, 0, ["train.max_steps=9"], grid, dry_run=False)
+    assert len(runs) == 6 and {r.passes for r in runs} == {1}
+    assert len({r.run_dir for r in runs}) == 6
+    assert runs[4].settings == ("optimizer.muon.lr=1e-2", "optimizer.adamw.lr=1e-3")
+    assert runs[4].command[-6:] == ["--set", "train.max_steps=9", *[a for s in runs[4].settings for a in ("--set", s)]]
+    assert runs[4].command[4] == str(RECIPES / "depo-n1.yaml")
+    with pytest.raises(ValueError, match="KEY=VALUE1,VALUE2"):
+        replication.plan_tuning("depo", tmp_path, 0, [], ["optimizer.muon.lr"], dry_run=False)
+
+
+def test_the_tuning_dry_run_compares_the_settings_in_a_table(tmp_path, capsys):
+    root = tmp_path / "tune"
+    assert (
+        replication.main(["rule110", "--dry-run", "--root", str(root), "--tune", "optimizer.adamw.lr=1e-4,1e-1"]) == 0
+    )
+    table = (root / "tuning.md").read_text()
+    assert table == capsys.readouterr().out.split("exit 0 after")[-1].split("\n", 1)[1]
+    rows = [line for line in table.splitlines() if line.startswith("| N=1")]
+    assert [row.split(" | ")[0] for row in rows] == ["| N=1, optimizer.adamw.lr=1e-4", "| N=1, optimizer.adamw.lr=1e-1"]
+    for i, lr in enumerate((1e-4, 1e-1)):
+        assert load_recipe(root / f"tune{i}" / "recipe.yaml").recipe.optimizer.adamw.lr == lr
+    depths = table.splitlines()[0].count("| loss ")
+    losses = [[float(cell) for cell in row.split(" | ")[1 : 1 + depths]] for row in rows]
+    assert depths >= 1 and losses[0] != losses[1]  # a column per evaluated depth; the rate changed the model
