@@ -109,7 +109,11 @@ class SleepCache(Cache):
     def step(self, engine: SleepEngine, input_ids: Tensor, valid: Tensor) -> Tensor:
         """Wake logits `[B, T, V]` of the new tokens `input_ids` `[B, T]`, sleeping at every chunk boundary."""
         if engine.config.wake_passes != 1:
-            raise ValueError("streaming inference needs sleep_config.wake_passes = 1 (a wake pass is one pass)")
+            raise ValueError(
+                f"streaming inference needs sleep_config.wake_passes = 1, not {engine.config.wake_passes} (a streamed "
+                "token runs one pass); generate with use_cache=False (the engine recomputes every step), or apply "
+                "a sleep config with wake_passes=1"
+            )
         if self.num_valid is None:  # first call: size the per-block lists to the model
             num_blocks = len(engine.adapter.blocks)
             self.chunk_start_states, self.states = [None] * num_blocks, [None] * num_blocks
@@ -179,6 +183,7 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
         "model_dir", type=Path, help="a saved model or adapter folder (with its tokenizer), or a run directory"
     )
     parser.add_argument("--prompt", required=True, help="the prompt text")
+    parser.add_argument("--device", default=None, help="where to run (default: cuda when available, else cpu)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     parser.add_argument(
         "--sleep-when-idle",
@@ -211,8 +216,10 @@ def run_generate(args: argparse.Namespace) -> int:
     if getattr(model, "sleep_config", None) is None:
         print(f"error: {model_dir} is not a sleeping model (its config.json has no sleep_config)", file=sys.stderr)
         return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    inputs = tokenizer(args.prompt, return_tensors="pt", return_token_type_ids=False)
+    inputs = tokenizer(args.prompt, return_tensors="pt", return_token_type_ids=False).to(device)
     cache = SleepCache()
     with torch.no_grad():
         output = model.generate(**inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens, do_sample=False)

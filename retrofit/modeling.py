@@ -94,6 +94,7 @@ class SleepCausalLMMixin:
             want_logits = labels is None if return_logits is None else return_logits
             out = self.sleep_engine().forward(input_ids, attention_mask, labels, return_logits=want_logits)
             return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
+        refuse_cache(past_key_values, use_cache)
         return self.plain_forward(input_ids, attention_mask, labels)
 
     def sleep(self, cache: SleepCache) -> int:
@@ -134,7 +135,8 @@ class SleepCausalLMMixin:
     def plain_forward(
         self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None
     ) -> CausalLMOutputWithPast:
-        """The model without sleep: every block once over the whole sequence, full causal attention."""
+        """The model without sleep: every block once over the whole sequence, each attention layer with its own window
+        (full causal, or sliding)."""
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         adapter = self.get_sleep_adapter()
         positions = sequence_positions(valid, "global", input_ids.shape[1])
@@ -143,11 +145,25 @@ class SleepCausalLMMixin:
         for block in adapter.blocks:
             h, _, _ = block(h, None, None, chunk)
         logits = adapter.head(h)
-        loss = None
-        if labels is not None:
-            targets = next_token_targets(labels, valid)
-            loss = F.cross_entropy(upcast(logits).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        loss = None if labels is None else next_token_loss(logits, labels, valid)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+def next_token_loss(logits: Tensor, labels: Tensor, valid: Tensor) -> Tensor:
+    """Mean cross-entropy over the label tokens, as the engine computes it (0 for a batch without any)."""
+    targets = next_token_targets(labels, valid).flatten()
+    total = F.cross_entropy(upcast(logits).flatten(0, 1), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def refuse_cache(past_key_values: Any, use_cache: bool | None) -> None:
+    """A model without sleep keeps no cache (its forward recomputes the whole sequence): a decode loop that passed
+    only the new tokens would get logits without context, so it is told so."""
+    if past_key_values is not None or use_cache:
+        raise ValueError(
+            "this model has no sleep, so it keeps no cache: call it on the whole sequence (use_cache=False), "
+            "or retrofit.apply_sleep(model, SleepConfig(...)) to stream through a SleepCache"
+        )
 
 
 def check_loading_info(info: dict[str, Any], source: Any, *, check_shapes: bool = True) -> None:

@@ -44,6 +44,17 @@ def test_one_pass_with_window_over_sequence_equals_plain_forward(eviction):
     assert close(out.loss, plain.loss)
 
 
+def test_a_batch_without_label_tokens_has_loss_zero_with_and_without_sleep():
+    """A process whose share of the batch has no labels (padding) must not put a NaN into the gradients."""
+    model = tiny_hybrid()
+    ids, labels = random_batch(2, 12, model.config.vocab_size)
+    labels[:] = -100
+    assert model(ids, labels=labels).loss.item() == 0.0
+    assert engine_for(model, window=4, passes=2).forward(ids, labels=labels).loss.item() == 0.0
+    with pytest.raises(ValueError, match="keeps no cache"):  # a decode loop would lose the context silently
+        model(ids[:, :4], use_cache=True)
+
+
 def test_a_last_chunk_without_loss_tokens_wakes_without_the_head():
     """context_only: the last chunk wakes whether or not it has loss tokens; without any, the head has nothing to do."""
     model = tiny_hybrid()

@@ -122,6 +122,7 @@ def test_published_shapes_and_default_retrofit_on_meta():
         apply_sleep(model, SleepConfig(window=2000, passes=4))
     assert model.config.jet_mixer_layers == [3, 7, 11, 15, 19, 23] == evenly_spaced_layers(24)
     assert evenly_spaced_layers(48) == [7, 15, 23, 31, 39, 47]
+    assert evenly_spaced_layers(28) == [4, 8, 13, 18, 22, 27]  # spread to the end when 6 does not divide it
     assert model.default_loop_range() == (0, 30)
     names = model.jet_mixer_parameter_names()
     added = sum(p.numel() for n, p in model.named_parameters() if n in names)
@@ -321,6 +322,29 @@ def test_config_rejects_bad_mixer_layers_and_layer_types():
     with pytest.raises(Exception, match="full_attention"):
         OuroConfig(**(tiny_config() | {"layer_types": ["sliding_attention"] * 4}))
     assert set(LAYER_NORMS) <= {n.split(".")[-2] for n in official_shapes(tiny_config())}
+
+
+def test_a_refused_retrofit_leaves_the_model_as_it_was(base):
+    model = copy.deepcopy(base)
+    model.config.jet_mixer_layers = [9]  # set after loading, past the 4 layers
+    with pytest.raises(ValueError, match=r"jet_mixer_layers = \[9\]"):
+        apply_sleep(model, SleepConfig(window=4))
+    model.config.jet_mixer_layers = MIXER_LAYERS
+    with pytest.raises(ValueError, match="out of bounds"):  # 4 layers + 2 mixers = 6 blocks
+        apply_sleep(model, SleepConfig(window=4, loop_range=(0, 7)))
+    assert len(model.model.jet_mixers) == 0 and model.config.sleep_config is None
+
+
+def test_exit_options_name_the_bad_value_and_do_not_apply_while_sleeping(base):
+    ids, _ = random_batch(1, 6, base.config.vocab_size)
+    with pytest.raises(ValueError, match=f"exit_at_step = {STEPS}: choose a step in \\[0, {STEPS}\\)"):
+        base(ids, exit_at_step=STEPS)
+    with pytest.raises(ValueError, match="ut_steps = 0"):
+        base(ids, ut_steps=0)
+    with pytest.raises(ValueError, match="exit_at_step, exit_threshold and use_weighted_exit do not apply"):
+        retrofitted(base)(ids, exit_at_step=0)
+    with pytest.raises(ValueError, match="keeps no cache"):
+        base(ids, use_cache=True)
 
 
 # ---------------------------------------------------------------------------------------------- recipes

@@ -47,12 +47,12 @@ DEFAULT_JET_MIXER_CONFIG: dict[str, Any] = {
 
 
 def evenly_spaced_layers(num_layers: int, count: int = NUM_JET_MIXERS) -> list[int]:
-    """Layers after which `count` mixers sit, one after every `num_layers // count`-th layer (the last one included).
+    """Layers after which `count` mixers sit, spread evenly, the last one after the last layer.
 
-    24 layers -> `[3, 7, 11, 15, 19, 23]`; 48 layers -> `[7, 15, ..., 47]`. Fewer layers than mixers: one after each.
+    24 layers -> `[3, 7, 11, 15, 19, 23]`; 28 -> `[4, 8, 13, 18, 22, 27]`. Fewer layers than mixers: one after each.
     """
-    every = max(num_layers // count, 1)
-    return [every * (k + 1) - 1 for k in range(min(count, num_layers))]
+    count = min(count, num_layers)
+    return [round((k + 1) * num_layers / count) - 1 for k in range(count)]
 
 
 @strict
@@ -106,7 +106,11 @@ class OuroConfig(PublishedDecoderConfig, PreTrainedConfig):
         """Full attention only (the released models), a loop count >= 1, and mixers at existing layers."""
         self.check_decoder_fields("Ouro")
         if set(self.layer_types) != {"full_attention"} or self.use_sliding_window:
-            raise ValueError("only full_attention layers are supported (the released Ouro models use no other type)")
+            raise ValueError(
+                f"layer_types {sorted(set(self.layer_types))} with use_sliding_window={self.use_sliding_window}: only "
+                "full_attention layers are supported (the released Ouro models use no other); set every layer_types "
+                "entry to full_attention and use_sliding_window to false"
+            )
         if self.total_ut_steps < 1:
             raise ValueError(f"total_ut_steps = {self.total_ut_steps} must be >= 1")
         layers = self.jet_mixer_layers

@@ -36,7 +36,6 @@ left (DESIGN.md, "Sleep"). The two agree for one step, and for any number of ste
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -52,14 +51,14 @@ from model_patches.ouro.configuration import (
 )
 from retrofit.blocks import BlockState, Chunk, KVWindow
 from retrofit.config import SleepConfig
-from retrofit.engine import IGNORE_INDEX, next_token_targets, sequence_positions, upcast
+from retrofit.engine import sequence_positions
 from retrofit.layers.attention import Attention
 from retrofit.layers.decoder import DecoderLayer
 from retrofit.layers.gated_deltanet import GatedDeltaNet
 from retrofit.layers.mlp import SwiGLU
 from retrofit.layers.norm import RMSNorm
 from retrofit.layers.rope import RotaryEmbedding
-from retrofit.modeling import DecoderAdapter, SleepCausalLMMixin
+from retrofit.modeling import DecoderAdapter, SleepCausalLMMixin, next_token_loss, refuse_cache
 
 MIXER_PREFIX = "model.jet_mixers."
 
@@ -203,9 +202,11 @@ class OuroForCausalLM(SleepCausalLMMixin, OuroPreTrainedModel, GenerationMixin):
         and the placement and settings are written to the model config so `save_pretrained` keeps them.
         `config` (the sleep schedule) does not affect the insertion.
         """
+        self.config.validate_layer_type()  # `jet_mixer_layers` may have been set after loading
         wanted = self.config.jet_mixer_layers
         if wanted is None:
             wanted = evenly_spaced_layers(self.config.num_hidden_layers, NUM_JET_MIXERS)
+        config.check_blocks(self.config.num_hidden_layers + len(wanted))  # before the model changes
         built = [int(i) for i in self.model.jet_mixers]
         if built:
             if built != list(wanted):
@@ -240,7 +241,14 @@ class OuroForCausalLM(SleepCausalLMMixin, OuroPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         """A sleeping model runs the engine (the exit options do not apply); otherwise see `plain_forward`."""
         if self.sleep_config is not None:
+            given = {"ut_steps": ut_steps, "exit_at_step": exit_at_step, "exit_threshold": exit_threshold}
+            if use_weighted_exit or any(v is not None for v in given.values()):
+                raise ValueError(
+                    "a sleeping Ouro reads out its last loop pass, so ut_steps, exit_at_step, exit_threshold and "
+                    "use_weighted_exit do not apply: set sleep_config.wake_passes for the wake's loop passes"
+                )
             return super().forward(input_ids, attention_mask, labels, return_logits, **kwargs)
+        refuse_cache(kwargs.get("past_key_values"), kwargs.get("use_cache"))
         return self.plain_forward(
             input_ids,
             attention_mask,
@@ -267,6 +275,10 @@ class OuroForCausalLM(SleepCausalLMMixin, OuroPreTrainedModel, GenerationMixin):
         model that a sleep with N = 1 and L >= T equals.
         """
         steps = self.config.total_ut_steps if ut_steps is None else ut_steps
+        if steps < 1:
+            raise ValueError(f"ut_steps = {steps}: the stack must run at least once")
+        if exit_at_step is not None and not 0 <= exit_at_step < steps:
+            raise ValueError(f"exit_at_step = {exit_at_step}: choose a step in [0, {steps}) (0 is the first)")
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         adapter = self.get_sleep_adapter()
         positions = sequence_positions(valid, "global", input_ids.shape[1])
@@ -279,10 +291,7 @@ class OuroForCausalLM(SleepCausalLMMixin, OuroPreTrainedModel, GenerationMixin):
             states.append(h)
         weighted = use_weighted_exit or labels is not None
         logits = self.exit_readout(states, exit_at_step, exit_threshold, weighted)
-        loss = None
-        if labels is not None:
-            targets = next_token_targets(labels, valid)
-            loss = F.cross_entropy(upcast(logits).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        loss = None if labels is None else next_token_loss(logits, labels, valid)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     def exit_readout(
