@@ -66,16 +66,18 @@ class EvalResult:
 def load_eval_set(section: EvalSection, task: Task) -> datasets.Dataset:
     """The recipe's eval set: the frozen file in data/ (or `eval.path`), or a freshly generated one.
 
-    Raises `RecipeError` when the frozen set has no example in the task's difficulty buckets.
+    Raises `RecipeError` when the frozen set lacks one of the task's difficulty buckets (a report would otherwise
+    show fewer buckets than the task asks for, silently).
     """
     if section.source == "generated":
         return task.eval_dataset(section.num_per_difficulty, section.seed)
     dataset = task.load_frozen_eval(section.path)
-    if len(dataset) == 0:
+    missing = sorted(set(task.eval_difficulties) - set(dataset["difficulty"] if len(dataset) else ()))
+    if missing:
         raise RecipeError(
             "eval.source",
-            f"the frozen eval set has no examples for difficulties {task.eval_difficulties}; "
-            "use eval.source: generated or other eval.task_options",
+            f"the frozen eval set has no examples at difficulties {missing} of {task.eval_difficulties}; "
+            "use eval.source: generated, or eval.task_options whose difficulties the frozen set covers",
         )
     return dataset
 

@@ -59,9 +59,10 @@ def _matches(name: str, target: str) -> bool:
 def resolve_targets(model: nn.Module, targets: list[str] | None, modules_to_save: list[str]) -> list[str]:
     """Full names of the modules that get a LoRA adapter, refusing targets the model's ops would bypass.
 
-    A target is a module name or name suffix (PEFT's rule). Each one must match at least one module outside
-    `modules_to_save` (unless it is one of the defaults), and every matched module must be an `nn.Linear`, which
-    the blocks call as a module; anything else (a conv whose weight an op reads raw, a parameter) is refused.
+    A target is a module name or name suffix (PEFT's rule). Each given target must match at least one module
+    outside `modules_to_save` (the defaults, used when `targets` is unset, need not all match), and every matched
+    module must be an `nn.Linear`, which the blocks call as a module; anything else (a conv whose weight an op reads
+    raw, a parameter) is refused.
     """
     names = dict(model.named_modules())
     parameters = dict(model.named_parameters())

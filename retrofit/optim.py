@@ -1,9 +1,10 @@
 """Optimizers and LR schedules from a recipe's `optimizer:` section.
 
-The paper trains with Muon for the blocks' weight matrices and AdamW for everything else (embeddings, lm_head,
-norms, biases, gates, convolutions). `MuonWithAdamW` holds both behind one `torch.optim.Optimizer`, so the trainer,
-the LR scheduler and checkpoints see a single optimizer. Both optimizers follow the same schedule: each group's
-LR is its own base LR times the schedule factor.
+The paper trains with Muon for the blocks' weight matrices and AdamW for everything else. Here every `nn.Linear`
+weight inside the sleep blocks (projections, gate producers, the dynamic conv's kernel generator, LoRA's A and B)
+goes to Muon; embeddings, lm_head, norms, biases, `A_log` and `dt_bias` go to AdamW. `MuonWithAdamW` holds both
+behind one `torch.optim.Optimizer`, so the trainer, the LR scheduler and checkpoints see a single optimizer. Both
+optimizers follow the same schedule: each group's LR is its own base LR times the schedule factor.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
     """`torch.optim.Muon` on `muon_params` plus `torch.optim.AdamW` on `adamw_params`, as one optimizer.
 
     The param groups are the inner optimizers' own group dicts, so an LR scheduler that sets
-    `param_groups[i]["lr"]` drives both.
+    `param_groups[i]["lr"]` drives both. An empty list gets no inner optimizer (a LoRA adapter on Jet-Nemotron
+    trains block matrices only).
     """
 
     def __init__(
@@ -32,7 +34,13 @@ class MuonWithAdamW(torch.optim.Optimizer):
         muon: dict[str, Any],
         adamw: dict[str, Any],
     ) -> None:
-        self.inner = {"muon": torch.optim.Muon(muon_params, **muon), "adamw": torch.optim.AdamW(adamw_params, **adamw)}
+        if not muon_params and not adamw_params:
+            raise ValueError("nothing to optimize: no parameter of the model requires a gradient")
+        self.inner: dict[str, torch.optim.Optimizer] = {}
+        if muon_params:
+            self.inner["muon"] = torch.optim.Muon(muon_params, **muon)
+        if adamw_params:
+            self.inner["adamw"] = torch.optim.AdamW(adamw_params, **adamw)
         super().__init__(self._inner_groups(), defaults={})
 
     def _inner_groups(self) -> list[dict[str, Any]]:
@@ -59,10 +67,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(Muon params, AdamW params): Muon takes the weights of the `nn.Linear` layers inside the sleep blocks.
-
-    Everything else that trains (embeddings, lm_head, norms, biases, gates, conv weights) goes to AdamW.
-    """
+    """(Muon params, AdamW params): Muon takes the weights of the `nn.Linear` layers inside the sleep blocks, AdamW
+    everything else that trains (module docstring)."""
     blocks = model.get_sleep_adapter().blocks
     matrices = [m.weight for m in blocks.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad]
     matrix_ids = {id(p) for p in matrices}

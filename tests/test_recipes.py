@@ -191,7 +191,14 @@ MALFORMED = {
     ),
     "frozen eval without the buckets": (
         lambda t: [*_recipe(t, minimal(task={"name": "rule110", "options": {"steps": 3}})), "--dry-run"],
-        "eval.source: the frozen eval set has no examples for difficulties [3]",
+        "eval.source: the frozen eval set has no examples at difficulties [3] of [3]",
+    ),
+    "frozen eval without one of the buckets": (  # depths 1, 2 are frozen, 3 is not: no silent smaller report
+        lambda t: [
+            *_recipe(t, minimal(task={"name": "rule110", "options": {"steps_choices": [1, 2, 3]}})),
+            "--dry-run",
+        ],
+        "eval.source: the frozen eval set has no examples at difficulties [3] of [1, 2, 3]",
     ),
     "missing section": (
         lambda t: _recipe(t, {k: v for k, v in minimal().items() if k != "train"}),

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from retrofit.cli import main
 from retrofit.evaluation import evaluate
-from retrofit.optim import MuonWithAdamW, build_optimizer, build_scheduler, schedule_factor
+from retrofit.optim import MuonWithAdamW, build_optimizer, build_scheduler, schedule_factor, split_parameters
 from retrofit.recipes import load_recipe, resolve
 from retrofit.recipes.schema import OptimizerSection
 from retrofit.tasks import get_task
@@ -71,6 +71,7 @@ def test_run_writes_checkpoints_logs_results_and_a_loadable_model(tmp_path, caps
     model = AutoModelForCausalLM.from_pretrained(run / "model")
     assert model.sleep_config.passes == 2 and model.sleep_config.sleep_on == "context_only"
     ckpt = AutoModelForCausalLM.from_pretrained(run / "checkpoints" / "step_000006" / "model")
+    assert (run / "checkpoints" / "step_000004" / "model" / "tokenizer.json").is_file()  # generates, publishes alone
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ckpt.state_dict().values(), strict=True))
 
     # Without --resume, a second run refuses to mix with the first one's checkpoints.
@@ -170,6 +171,22 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest(tmp_path):
     assert muon_names.isdisjoint(adamw_names) and len(muon_names | adamw_names) == len(list(model.parameters()))
     adamw_only = build_optimizer(model, OptimizerSection(name="adamw"))
     assert isinstance(adamw_only, torch.optim.AdamW)
+
+
+def test_muon_alone_when_only_block_matrices_train(tmp_path):
+    """A LoRA adapter on Jet-Nemotron trains block matrices only: no AdamW is built over an empty list."""
+    model, _ = _model(tmp_path)
+    matrices = {id(p) for p in split_parameters(model)[0]}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in matrices)
+    optimizer = build_optimizer(model, OptimizerSection(name="muon"))
+    assert list(optimizer.inner) == ["muon"]
+    before = [p.detach().clone() for p in optimizer.param_groups[0]["params"]]
+    for p in model.parameters():
+        p.grad = torch.ones_like(p) if p.requires_grad else None
+    optimizer.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, optimizer.param_groups[0]["params"], strict=True))
+    optimizer.load_state_dict(optimizer.state_dict())
 
 
 def test_combined_optimizer_state_round_trips_and_the_schedule_drives_both(tmp_path):

@@ -50,7 +50,6 @@ class Rule110Task(Task):
         options={"steps_choices": [1, 2, 4, 8, 16, 32]}, num_per_difficulty=256
     )
     window = WIDTH
-    query_position = NUM_STATES * WIDTH
 
     def __init__(self, *, steps: int = 32, steps_choices: Sequence[int] | None = None) -> None:
         """`steps` is t for every example; `steps_choices` instead samples t uniformly from a list per example."""

@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from retrofit.lora import ADAPTER_WEIGHTS_FILE, is_adapter_dir, load_adapter, save_adapter
@@ -62,14 +62,21 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix(_PREFIX)))
 
 
-def register_model_hooks(accelerator: Accelerator, config_overrides: dict[str, Any] | None = None) -> None:
-    """Make `save_state`/`load_state` store the model in `model/` as users load it (`save_model_files`)."""
+def register_model_hooks(
+    accelerator: Accelerator,
+    config_overrides: dict[str, Any] | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> None:
+    """Make `save_state`/`load_state` store the model in `model/` as users load it (`save_model_files`), with the
+    tokenizer beside it, so that a checkpoint's `model/` generates and publishes on its own."""
 
     def save_model(models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
         state_dict = gather_state_dict(accelerator, models[0])  # on every process: a collective under ZeRO-3
         if accelerator.is_main_process:
             model = accelerator.unwrap_model(models[0])
             save_model_files(model, Path(output_dir) / MODEL_DIR, config_overrides, state_dict)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(Path(output_dir) / MODEL_DIR)
         weights.clear()
 
     def load_model(models: list[nn.Module], input_dir: str) -> None:

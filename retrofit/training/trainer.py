@@ -120,7 +120,7 @@ def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = 
     scheduler = build_scheduler(optimizer, recipe.optimizer, train_cfg.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # stepped once per optimizer step, not per process
-    register_model_hooks(accelerator, resolved.config_overrides)
+    register_model_hooks(accelerator, resolved.config_overrides, task.tokenizer)
     state = TrainerState(step=0, tokens_seen=0)
     if resume_from is not None:
         state = load_checkpoint(accelerator, resume_from)
