@@ -156,6 +156,10 @@ MALFORMED = {
         "sleep.loop_range: [0, 9] is out of bounds",
     ),
     "unknown task": (lambda t: _recipe(t, minimal(task={"name": "rule111"})), "task.name: unknown task 'rule111'"),
+    "unknown task option": (
+        lambda t: _recipe(t, minimal(task={"name": "rule110", "options": {"step": 4}})),
+        "task.options: rule110 has no option step; its options are steps, steps_choices",
+    ),
     "bad task option": (
         lambda t: _recipe(t, minimal(task={"name": "rule110", "options": {"steps": 0}})),
         "task.options",

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,10 @@ def get_task(name: str, **options: Any) -> Task:
     """Build the task `name` ("rule110", "depo" or "gsm_infinite") with its keyword options."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    known = [p for p in inspect.signature(_REGISTRY[name].__init__).parameters if p != "self"]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"{name} has no option {', '.join(unknown)}; its options are {', '.join(known)}")
     return _REGISTRY[name](**options)
 
 

@@ -46,9 +46,17 @@ def main(argv: list[str] | None = None) -> None:
     show.add_argument("--seed", type=int, default=0)
     show.add_argument("--set", action="append", default=[], help="task option key=value")
     args = parser.parse_args(argv)
+    try:
+        _run(args, parser)
+    except ValueError as exc:  # a task option (named)
+        parser.error(str(exc))
 
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if args.command == "export":
         options = _parse_sets(args.set) or None
+        if options and not args.task:
+            parser.error("--set gives the options of one task: name it with --task")
         for name in args.task or TASKS:
             path = export_frozen_eval(
                 name, args.out, options=options, num_per_difficulty=args.num_per_difficulty, seed=args.seed
