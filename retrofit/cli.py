@@ -173,7 +173,7 @@ def _eval(args: argparse.Namespace) -> int:
         resolved = resolve(loaded.recipe)
     accelerator = make_accelerator(loaded.recipe, trackers=False)
     model = accelerator.prepare(load_model(saved.model))
-    eval_set = load_eval_set(loaded.recipe.eval, resolved.eval_task)
+    eval_set = load_eval_set(loaded.recipe.eval, resolved.eval_task, resolved.sleep.window)
     result = evaluate(
         model,
         eval_set,

@@ -8,6 +8,7 @@ operations: the task's `difficulty`) reports its exact-match accuracy and its me
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -63,14 +64,29 @@ class EvalResult:
         }
 
 
-def load_eval_set(section: EvalSection, task: Task) -> datasets.Dataset:
+def load_eval_set(section: EvalSection, task: Task, window: int | None = None) -> datasets.Dataset:
     """The recipe's eval set: the frozen file in data/ (or `eval.path`), or a freshly generated one.
 
     Raises `RecipeError` when the frozen set lacks one of the task's difficulty buckets (a report would otherwise
-    show fewer buckets than the task asks for, silently).
+    show fewer buckets than the task asks for, silently). Warns when every example fits in one `window` (the
+    recipe's L): nothing would be evicted, so the evaluation would not measure sleep.
     """
     if section.source == "generated":
-        return task.eval_dataset(section.num_per_difficulty, section.seed)
+        dataset = task.eval_dataset(section.num_per_difficulty, section.seed)
+    else:
+        dataset = _frozen_eval_set(section, task)
+    longest = max((len(ids) for ids in dataset["input_ids"]), default=0)
+    if window is not None and longest <= window:
+        warnings.warn(
+            f"every evaluation example fits in one window (longest {longest} tokens, sleep.window {window}): nothing "
+            f"is evicted, so the evaluation does not measure sleep; evaluate longer examples "
+            f"(eval.source: generated with eval.task_options)",
+            stacklevel=2,
+        )
+    return dataset
+
+
+def _frozen_eval_set(section: EvalSection, task: Task) -> datasets.Dataset:
     dataset = task.load_frozen_eval(section.path)
     missing = sorted(set(task.eval_difficulties) - set(dataset["difficulty"] if len(dataset) else ()))
     if missing:

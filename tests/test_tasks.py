@@ -5,12 +5,15 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import warnings
 from pathlib import Path
 
 import datasets
 import pytest
 from transformers import AutoTokenizer
 
+from retrofit.evaluation import load_eval_set
+from retrofit.recipes.schema import EvalSection
 from retrofit.tasks import DATA_DIR, IGNORE_INDEX, TASKS, get_task
 
 QWEN_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "jet-nemotron"
@@ -319,3 +322,14 @@ def test_score():
     assert r110.answer_spans(ex) == [(97, 101)] and not r110.score(ex, wrong)
     with pytest.raises(ValueError):
         r110.score(ex, wrong[:-1])
+
+
+def test_an_eval_set_that_fits_one_window_is_flagged():
+    """The frozen GSM-Infinite set (300-500 tokens) never evicts at the paper's L=2000: that evaluation would not
+    measure sleep, so it warns; at a window shorter than the problems it does not."""
+    task = get_task("gsm_infinite")
+    with pytest.warns(UserWarning, match="every evaluation example fits in one window"):
+        load_eval_set(EvalSection(source="frozen"), task, window=2000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_eval_set(EvalSection(source="frozen"), task, window=128)

@@ -129,7 +129,7 @@ def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = 
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / RECIPE_FILE).write_text(recipe_yaml)
-    eval_set = load_eval_set(recipe.eval, resolved.eval_task)
+    eval_set = load_eval_set(recipe.eval, resolved.eval_task, resolved.sleep.window)
     history = _eval_history(output_dir, before=state.step)
     accelerator.init_trackers("tensorboard", config=_flat_config(recipe))
     _print_plan(accelerator, resolved, model, accum)
@@ -271,7 +271,7 @@ def dry_run(loaded: LoadedRecipe) -> DryRunReport:
     optimizer = build_optimizer(model, recipe.optimizer)
     scheduler = build_scheduler(optimizer, recipe.optimizer, recipe.train.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    load_eval_set(recipe.eval, resolved.eval_task)
+    load_eval_set(recipe.eval, resolved.eval_task, resolved.sleep.window)
     batch = micro_batch(resolved.task, recipe.seed, 0, range(DRY_RUN_EXAMPLES), resolved.task.tokenizer.pad_token_id)
     losses, stage_lines = [], []
     for stage in resolved.stages:
