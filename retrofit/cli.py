@@ -1,4 +1,4 @@
-"""`retrofit` command line: `train`, `validate`, `eval`, `generate`, `push`, `merge`, `report` and `env`.
+"""`retrofit` command line: `train`, `validate`, `eval`, `generate`, `push`, `merge`, `report`, `recipes` and `env`.
 
 Recipe problems exit with code 2 and one line on stderr naming the file, the key and the fix; a training run
 whose loss or gradients stop being finite exits with code 3 and keeps its last good checkpoint.
@@ -101,8 +101,21 @@ def _parser() -> argparse.ArgumentParser:
     add_merge_parser(commands)  # retrofit.lora
     add_report_parser(commands)  # retrofit.report
 
+    recipes = commands.add_parser("recipes", help="list the shipped recipes, which train and validate take by name")
+    recipes.set_defaults(run=_recipes)
     commands.add_parser("env", help="print the versions of the packages a bug report needs")
     return parser
+
+
+def _recipes(args: argparse.Namespace) -> int:
+    from retrofit.recipes import load_recipe
+    from retrofit.shipped import shipped_dir, shipped_recipes
+
+    print(f"Shipped recipes ({shipped_dir('recipes')}); train one with `retrofit train NAME`:\n")
+    print("| name | description |\n|---|---|")
+    for name in shipped_recipes():
+        print(f"| {name} | {load_recipe(name).recipe.description or ''} |")
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -451,3 +451,12 @@ def test_a_shipped_recipe_loads_by_name_and_a_typo_names_the_closest(tmp_path, m
     assert by_name.recipe == by_path.recipe and by_name.recipe.sleep["passes"] == 4
     with pytest.raises(RecipeError, match="did you mean rule110-tiny"):
         load_recipe("rule110-tniy")
+
+
+def test_recipes_lists_every_shipped_recipe_with_its_description(capsys):
+    assert main(["recipes"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    listed = {row.split(" | ")[0].removeprefix("| ") for row in rows}
+    on_disk = {p.relative_to(REPO / "recipes").with_suffix("").as_posix() for p in (REPO / "recipes").rglob("*.yaml")}
+    assert listed == {name for name in on_disk if not name.startswith(("base/", "accelerate/"))}
+    assert "| replicate/depo-n4 | Depo replication sweep (issue 9), N=4; the rest is depo.yaml's |" in rows

@@ -36,6 +36,7 @@ def test_the_runs_of_a_sweep_differ_only_in_passes_and_output_dir(task):
     recipes = [load_recipe(p).recipe.model_dump(mode="json") for p in sweep_recipes(task)]
     assert [r["sleep"].pop("passes") for r in recipes] == list(PASSES)
     assert len({r.pop("output_dir") for r in recipes}) == len(PASSES)
+    assert [r.pop("description").split(", ")[1].split(";")[0] for r in recipes] == [f"N={n}" for n in PASSES]
     assert recipes[0] == recipes[1] == recipes[2]  # seed, task and data, model, optimizer, budget, eval
     shared = recipes[0]
     config = shared["model"]["config"]
