@@ -59,7 +59,7 @@ class SleepConfig:
     wake_passes: int = 1
 
     def __post_init__(self) -> None:
-        if self.loop_range is not None:
+        if isinstance(self.loop_range, list | tuple):
             object.__setattr__(self, "loop_range", tuple(self.loop_range))
         self._validate()
 
@@ -90,7 +90,12 @@ class SleepConfig:
             )
         if self.loop_range is not None:
             lr = self.loop_range
-            if len(lr) != 2 or not all(isinstance(i, int) for i in lr) or not 0 <= lr[0] < lr[1]:
+            if (
+                not isinstance(lr, tuple)
+                or len(lr) != 2
+                or not all(isinstance(i, int) for i in lr)
+                or not 0 <= lr[0] < lr[1]
+            ):
                 fail("loop_range", "it must be [start, stop) with 0 <= start < stop")
 
     def check_blocks(self, num_blocks: int) -> None:

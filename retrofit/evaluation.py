@@ -20,7 +20,6 @@ from accelerate import Accelerator
 from torch import nn
 
 from retrofit.engine import IGNORE_INDEX, next_token_targets
-from retrofit.recipes import RecipeError
 from retrofit.recipes.schema import EvalSection
 from retrofit.tasks import Task
 from retrofit.training.data import collate
@@ -67,14 +66,13 @@ class EvalResult:
 def load_eval_set(section: EvalSection, task: Task, window: int | None = None) -> datasets.Dataset:
     """The recipe's eval set: the frozen file in data/ (or `eval.path`), or a freshly generated one.
 
-    Raises `RecipeError` when the frozen set lacks one of the task's difficulty buckets (a report would otherwise
-    show fewer buckets than the task asks for, silently). Warns when every example fits in one `window` (the
-    recipe's L): nothing would be evicted, so the evaluation would not measure sleep.
+    `resolve` has checked that a frozen set holds every difficulty bucket of the task. Warns when every example
+    fits in one `window` (the recipe's L): nothing would be evicted, so the evaluation would not measure sleep.
     """
     if section.source == "generated":
         dataset = task.eval_dataset(section.num_per_difficulty, section.seed)
     else:
-        dataset = _frozen_eval_set(section, task)
+        dataset = task.load_frozen_eval(section.path)
     longest = max((len(ids) for ids in dataset["input_ids"]), default=0)
     if window is not None and longest <= window:
         warnings.warn(
@@ -82,18 +80,6 @@ def load_eval_set(section: EvalSection, task: Task, window: int | None = None) -
             f"is evicted, so the evaluation does not measure sleep; evaluate longer examples "
             f"(eval.source: generated with eval.task_options)",
             stacklevel=2,
-        )
-    return dataset
-
-
-def _frozen_eval_set(section: EvalSection, task: Task) -> datasets.Dataset:
-    dataset = task.load_frozen_eval(section.path)
-    missing = sorted(set(task.eval_difficulties) - set(dataset["difficulty"] if len(dataset) else ()))
-    if missing:
-        raise RecipeError(
-            "eval.source",
-            f"the frozen eval set has no examples at difficulties {missing} of {task.eval_difficulties}; "
-            "use eval.source: generated, or eval.task_options whose difficulties the frozen set covers",
         )
     return dataset
 

@@ -20,6 +20,7 @@ import retrofit
 from model_patches.jet_nemotron import JetBlock, JetNemotronConfig, JetNemotronForCausalLM
 from retrofit import SleepConfig, SleepEngine, apply_sleep
 from retrofit.blocks import Chunk, LinearState
+from retrofit.cli import main
 from retrofit.generation import SleepCache
 from retrofit.ops.naive import naive_gated_delta_rule
 from retrofit.ops.naive_dynamic_conv import naive_dynamic_conv
@@ -390,3 +391,13 @@ def test_jet_nemotron_2b_shape_sleep_trains_on_gpu(checkpointing, tmp_path):
         f"\nJet-Nemotron-2B shape, N=2, L=2000, T=4000, checkpointing={checkpointing}: "
         f"step {elapsed:.2f} s, peak {peak:.1f} GiB"
     )
+
+
+def test_a_config_override_that_reshapes_weights_is_a_recipe_error(tmp_path, capsys):
+    """The checkpoint no longer fits the overridden config: exit 2 naming the key, before any training."""
+    write_official_checkpoint(tmp_path / "ckpt", tiny_config() | {"vocab_size": 160})  # covers Rule 110's tokens
+    overrides = [f"model.pretrained={tmp_path / 'ckpt'}", "model.config=null", "output_dir=" + str(tmp_path / "run")]
+    argv = ["validate", "rule110-tiny", "--dry-run", *(a for o in overrides for a in ("--set", o))]
+    assert main(argv) == 0
+    assert main([*argv, "--set", "model.config_overrides={intermediate_size: 64}"]) == 2
+    assert "model.config_overrides: the checkpoint does not fit the changed config" in capsys.readouterr().err

@@ -22,8 +22,8 @@ import retrofit
 from model_patches.ouro import OuroConfig, OuroForCausalLM, evenly_spaced_layers
 from retrofit import SleepConfig, SleepEngine, apply_sleep
 from retrofit.blocks import LinearState
-from retrofit.recipes import load_recipe, resolve
-from tests.helpers import left_padding_runs, random_batch, stream_wake_logits, timed_gpu_training_step
+from retrofit.recipes import Recipe, RecipeError, load_recipe, resolve
+from tests.helpers import left_padding_runs, minimal_recipe, random_batch, stream_wake_logits, timed_gpu_training_step
 from tests.ouro_checkpoint import LAYER_NORMS, official_shapes, tiny_config, write_official_checkpoint
 
 TOL = 1e-10
@@ -333,6 +333,18 @@ def test_a_refused_retrofit_leaves_the_model_as_it_was(base):
     with pytest.raises(ValueError, match="out of bounds"):  # 4 layers + 2 mixers = 6 blocks
         apply_sleep(model, SleepConfig(window=4, loop_range=(0, 7)))
     assert len(model.model.jet_mixers) == 0 and model.config.sleep_config is None
+
+
+def test_a_recipe_may_loop_over_the_inserted_mixers_too(tmp_path):
+    """4 layers + 2 mixers are 6 blocks: `loop_range: [0, 6]` is the default range, not out of bounds."""
+    config = {k: tiny_config()[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "total_ut_steps")}
+    config |= {"num_attention_heads": 4, "num_key_value_heads": 4, "layer_types": ["full_attention"] * 4}
+    config |= {"model_type": "ouro", "jet_mixer_layers": MIXER_LAYERS, "jet_mixer_config": TINY_MIXER}
+    recipe = minimal_recipe(model={"config": config}, sleep={"window": 24, "passes": 2, "loop_range": [0, 6]})
+    assert resolve(Recipe.model_validate(recipe)).sleep.loop_range == (0, 6)
+    recipe["sleep"]["loop_range"] = [0, 7]
+    with pytest.raises(RecipeError, match="the model has 6 blocks"):
+        resolve(Recipe.model_validate(recipe))
 
 
 def test_exit_options_name_the_bad_value_and_do_not_apply_while_sleeping(base):

@@ -156,6 +156,14 @@ MALFORMED = {
         "sleep.loop_range: [0, 9] is out of bounds",
     ),
     "unknown task": (lambda t: _recipe(t, minimal(task={"name": "rule111"})), "task.name: unknown task 'rule111'"),
+    "loop range not a list": (
+        lambda t: _recipe(t, minimal(sleep={"loop_range": 5})),
+        "sleep.loop_range: 5 is invalid: it must be [start, stop)",
+    ),
+    "a section twice": (  # YAML would keep the second silently, dropping passes: 4
+        lambda t: _raw(t, "sleep: {passes: 4}\nsleep: {eviction: sliding}\n"),
+        "invalid YAML at line 2, column 1: key 'sleep' appears twice in one mapping",
+    ),
     "unknown task option": (
         lambda t: _recipe(t, minimal(task={"name": "rule110", "options": {"step": 4}})),
         "task.options: rule110 has no option step; its options are steps, steps_choices",
@@ -176,7 +184,11 @@ MALFORMED = {
     "--set without value": (lambda t: _recipe(t, minimal(), "train.max_steps"), "expected --set KEY.PATH=VALUE"),
     "unknown optimizer": (lambda t: _recipe(t, minimal(optimizer={"name": "sgd"})), "optimizer.name"),
     "invalid yaml": (lambda t: _raw(t, "train: [unclosed\n"), "invalid YAML at line"),
-    "two model sources": (lambda t: _recipe(t, minimal(model={"config": {}, "pretrained": "x"})), "exactly one of"),
+    "two model sources": (  # one of them may come from a base recipe: the fix says how to drop it
+        lambda t: _recipe(t, minimal(), "model.pretrained=/nowhere"),
+        "both model.config and model.pretrained are set (one may come from a base recipe); keep one, e.g. add "
+        "model.config: null",
+    ),
     "unknown model config key": (
         lambda t: _recipe(t, minimal(model={"config": {"hiden_size": 8}})),
         "model.config.hiden_size: unknown key",

@@ -121,6 +121,14 @@ class OuroConfig(PublishedDecoderConfig, PreTrainedConfig):
                 f"jet_mixer_layers = {layers} must be increasing layer indices in [0, {self.num_hidden_layers})"
             )
 
+    @property
+    def num_sleep_blocks(self) -> int:
+        """The blocks the engine sees once `apply_sleep` has inserted the Jet mixers: the layers plus the mixers."""
+        mixers = self.jet_mixer_layers
+        return self.num_hidden_layers + len(
+            mixers if mixers is not None else evenly_spaced_layers(self.num_hidden_layers)
+        )
+
     def jet_mixer_settings(self) -> JetBlockSettings:
         """The mixers' parsed JetBlock settings (the defaults when `jet_mixer_config` is unset)."""
         return JetBlockSettings.from_dict(self.jet_mixer_config or DEFAULT_JET_MIXER_CONFIG)

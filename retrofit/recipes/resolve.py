@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import re
 import typing
 from dataclasses import dataclass, fields, is_dataclass
@@ -78,17 +79,31 @@ def resolve(recipe: Recipe) -> ResolvedRecipe:
     eval_task = _task(recipe.task.name, {**recipe.task.options, **recipe.eval.task_options}, "eval.task_options")
     sleep = sleep_config(recipe.sleep, task.window)
     if recipe.eval.source == "frozen":
-        frozen = Path(recipe.eval.path) if recipe.eval.path else DATA_DIR / task.name / "eval.jsonl"
-        if not frozen.is_file():
-            raise RecipeError(
-                "eval.path", f"no frozen eval set at {frozen}; fix the path or use eval.source: generated"
-            )
+        _check_frozen_eval(recipe, eval_task)
     model_config = _model_config(recipe, len(task.tokenizer))
-    num_blocks = getattr(model_config, "num_hidden_layers", None)
+    # the blocks the engine sees: the layers, plus what a family inserts when it retrofits (Ouro's Jet mixers)
+    num_blocks = getattr(model_config, "num_sleep_blocks", getattr(model_config, "num_hidden_layers", None))
     num_blocks = num_blocks if isinstance(num_blocks, int) else None
     _check_blocks(sleep, num_blocks, "sleep")
     stages = _stages(recipe, sleep, task.window, num_blocks)
     return ResolvedRecipe(recipe, task, eval_task, sleep, model_config, stages)
+
+
+def _check_frozen_eval(recipe: Recipe, eval_task: Task) -> None:
+    """The frozen eval set exists and holds every difficulty bucket of the eval task (checked here, before any
+    model is built, and again when it is loaded)."""
+    frozen = Path(recipe.eval.path) if recipe.eval.path else DATA_DIR / eval_task.name / "eval.jsonl"
+    if not frozen.is_file():
+        raise RecipeError("eval.path", f"no frozen eval set at {frozen}; fix the path or use eval.source: generated")
+    with frozen.open() as f:
+        present = {json.loads(line)["difficulty"] for line in f if line.strip()}
+    missing = sorted(set(eval_task.eval_difficulties) - present)
+    if missing:
+        raise RecipeError(
+            "eval.source",
+            f"the frozen eval set has no examples at difficulties {missing} of {eval_task.eval_difficulties}; "
+            "use eval.source: generated, or eval.task_options whose difficulties the frozen set covers",
+        )
 
 
 def sleep_config(section: dict[str, Any], default_window: int, key: str = "sleep") -> SleepConfig:
@@ -211,8 +226,9 @@ def _model_config(recipe: Recipe, vocab: int) -> PreTrainedConfig:
         validate = getattr(config, "validate_architecture", None)
         if callable(validate):
             validate()
-    except (TypeError, ValueError) as exc:
-        raise RecipeError("model.config", str(exc).strip().splitlines()[-1]) from None
+    except (TypeError, ValueError, StrictDataclassError) as exc:
+        message = re.sub(r"^\w+Error: ", "", str(exc).strip().splitlines()[-1].strip())
+        raise RecipeError("model.config", message) from None
     if config.vocab_size < vocab:
         raise RecipeError(
             "model.config.vocab_size",

@@ -69,8 +69,13 @@ class ModelSection(Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSection:
-        if (self.config is None) == (self.pretrained is None):
-            raise ValueError("set exactly one of model.config (a from-scratch config) and model.pretrained (a path)")
+        if self.config is None and self.pretrained is None:
+            raise ValueError("set model.config (a from-scratch config) or model.pretrained (a path or Hub id)")
+        if self.config is not None and self.pretrained is not None:
+            raise ValueError(
+                "both model.config and model.pretrained are set (one may come from a base recipe); keep one, e.g. "
+                "add model.config: null (or --set model.config=null) to load the checkpoint"
+            )
         return self
 
 

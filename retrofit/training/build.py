@@ -24,9 +24,16 @@ def build_model(resolved: ResolvedRecipe) -> nn.Module:
     """
     section = resolved.recipe.model
     if section.pretrained is not None:
-        model = load_pretrained(
-            section.pretrained, revision=section.revision, overrides=resolved.config_overrides, dtype=torch.float32
-        )
+        try:
+            model = load_pretrained(
+                section.pretrained, revision=section.revision, overrides=resolved.config_overrides, dtype=torch.float32
+            )
+        except ValueError as exc:  # e.g. an override that changes a weight's shape: the checkpoint no longer fits
+            if not section.config_overrides:
+                raise
+            raise RecipeError(
+                "model.config_overrides", f"the checkpoint does not fit the changed config: {exc}"
+            ) from None
     else:
         model = AutoModelForCausalLM.from_config(resolved.model_config)
     try:
