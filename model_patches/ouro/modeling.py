@@ -206,7 +206,7 @@ class OuroForCausalLM(SleepCausalLMMixin, OuroPreTrainedModel, GenerationMixin):
         wanted = self.config.jet_mixer_layers
         if wanted is None:
             wanted = evenly_spaced_layers(self.config.num_hidden_layers, NUM_JET_MIXERS)
-        config.check_blocks(self.config.num_hidden_layers + len(wanted))  # before the model changes
+        config.check_blocks(self.config.num_sleep_blocks)  # before the model changes
         built = [int(i) for i in self.model.jet_mixers]
         if built:
             if built != list(wanted):
