@@ -16,7 +16,6 @@ import json
 import re
 import typing
 from dataclasses import dataclass, fields, is_dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,7 +27,7 @@ import retrofit  # noqa: F401  (registers the model families with AutoConfig)
 from retrofit.config import SleepConfig, SleepConfigError
 from retrofit.recipes.loader import RecipeError
 from retrofit.recipes.schema import Recipe
-from retrofit.tasks import DATA_DIR, Task, get_task
+from retrofit.tasks import Task, get_task
 
 DEFAULT_MODEL_TYPE = "sleep_hybrid"
 
@@ -92,7 +91,7 @@ def resolve(recipe: Recipe) -> ResolvedRecipe:
 def _check_frozen_eval(recipe: Recipe, eval_task: Task) -> None:
     """The frozen eval set exists and holds every difficulty bucket of the eval task (checked here, before any
     model is built, and again when it is loaded)."""
-    frozen = Path(recipe.eval.path) if recipe.eval.path else DATA_DIR / eval_task.name / "eval.jsonl"
+    frozen = eval_task.frozen_eval_path(recipe.eval.path)
     if not frozen.is_file():
         raise RecipeError("eval.path", f"no frozen eval set at {frozen}; fix the path or use eval.source: generated")
     with frozen.open() as f:
@@ -227,7 +226,7 @@ def _model_config(recipe: Recipe, vocab: int) -> PreTrainedConfig:
         if callable(validate):
             validate()
     except (TypeError, ValueError, StrictDataclassError) as exc:
-        message = re.sub(r"^\w+Error: ", "", str(exc).strip().splitlines()[-1].strip())
+        message = _last_line(exc)
         raise RecipeError("model.config", message) from None
     if config.vocab_size < vocab:
         raise RecipeError(
@@ -252,7 +251,7 @@ def _with_overrides(config: PreTrainedConfig, overrides: dict[str, Any]) -> PreT
         if callable(validate):
             validate()
     except (TypeError, ValueError, StrictDataclassError) as exc:
-        message = re.sub(r"^\w+Error: ", "", str(exc).strip().splitlines()[-1].strip())
+        message = _last_line(exc)
         named = [key for key in values if key in message]
         key = f"model.config_overrides.{named[0]}" if len(named) == 1 else "model.config_overrides"
         raise RecipeError(key, message) from None
@@ -278,3 +277,9 @@ def _typed_config_values(config_class: type[PreTrainedConfig], values: dict[str,
             message = exc.errors()[0]["msg"]
             raise RecipeError(f"{key}.{name}", f"{message} (got {value!r})") from None
     return out
+
+
+def _last_line(exc: BaseException) -> str:
+    """The last line of an exception's message without its `SomethingError: ` prefix (config validators nest
+    the cause in a longer report)."""
+    return re.sub(r"^\w+Error: ", "", str(exc).strip().splitlines()[-1].strip())

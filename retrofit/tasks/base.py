@@ -143,13 +143,17 @@ class Task(abc.ABC):
         """A freshly generated eval set: `eval_records` encoded."""
         return _to_dataset([self.encode(r) for r in self.eval_records(num_per_difficulty, seed)])
 
+    def frozen_eval_path(self, path: str | Path | None = None) -> Path:
+        """`path`, or this task's frozen eval set in data/ (`data/<task>/eval.jsonl`)."""
+        return Path(path) if path is not None else DATA_DIR / self.name / "eval.jsonl"
+
     def load_frozen_eval(self, path: str | Path | None = None) -> datasets.Dataset:
         """Load a frozen eval set (JSONL of records; default `data/<task>/eval.jsonl`) and encode it with this task.
 
         Only the rows whose difficulty is one of this task's `eval_difficulties` are kept (e.g. a rule110 task
         trained at t=32 keeps only the t=32 rows).
         """
-        path = Path(path) if path is not None else DATA_DIR / self.name / "eval.jsonl"
+        path = self.frozen_eval_path(path)
         keep = set(self.eval_difficulties)
         with path.open() as f:
             records = [json.loads(line) for line in f if line.strip()]

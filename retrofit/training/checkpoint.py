@@ -159,7 +159,7 @@ def save_checkpoint(
 def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
     """Restore model, optimizer, scheduler and RNG states from `path`; return the trainer state."""
     accelerator.load_state(str(path))
-    return TrainerState(**json.loads((path / STATE_FILE).read_text()))
+    return saved_state(path)
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -216,9 +216,14 @@ def load_model(path: Path) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(folder)
 
 
+def saved_state(checkpoint: Path) -> TrainerState:
+    """The trainer state a checkpoint was saved with (its step and tokens seen)."""
+    return TrainerState(**json.loads((checkpoint / STATE_FILE).read_text()))
+
+
 def saved_step(checkpoint: Path) -> int:
     """The step a checkpoint was saved at."""
-    return TrainerState(**json.loads((checkpoint / STATE_FILE).read_text())).step
+    return saved_state(checkpoint).step
 
 
 def discard_after(output_dir: Path, step: int) -> None:
@@ -264,7 +269,8 @@ def resume_point(resume: str | None, output_dir: Path, *, overwrite: bool) -> Pa
                 f"use a {CHECKPOINTS}/step_* folder or --resume auto",
                 "command line",
             )
-        later = [c.name for c in existing if saved_step(c) > saved_step(path)]
+        start = saved_step(path)
+        later = [c.name for c in existing if saved_step(c) > start]
         if later and not overwrite:
             raise RecipeError(
                 "",
