@@ -13,6 +13,10 @@ runs share the seed and the global batch (tiny 8, 2B 16) and differ only in how 
 process accumulates 4 micro-batches, two processes 2 each; 2B, one micro-batch of 16 or 8 per process. AdamW (Muon
 is refused under ZeRO) at 3e-4 (tiny) or 2e-5 (2B; larger steps make its loss chaotic), bf16.
 
+The tiny ZeRO-3 runs shard every weight (`stage3_param_persistence_threshold: 0`; `zero3.json` keeps weights of up
+to 1e5 elements whole, which is all of the tiny model's), so they test the gathering in the sleep loop as the 2B
+shape does, at a loss curve gentle enough to compare step by step.
+
 Each run is `accelerate launch` (the command `retrofit.launch` builds) of `benchmarks.distributed_worker`, which is
 `retrofit train` recording per-step metrics and peak memory; each in its own process group under a timeout. A run
 that fails or times out is recorded with its log's tail and the others go on. Runs go in groups; a group's runs
@@ -37,10 +41,13 @@ optimizer): an AdamW step below half a weight's bf16 spacing (6e-5 for weights n
 reaches the forward only after several steps, so the 2B ZeRO runs learn later than an autocast run at its small
 learning rate (a lag of one to two steps in the 2B calls of 2026-11-22). Their reference is therefore the same
 DeepSpeed precision on one process (`2b/zero2_1gpu`), which isolates what the partitioning changes; the tiny ZeRO
-runs (3e-4, far above the spacing) keep the single-GPU reference. The resumed run's steps 11-20 must match the
-original's within 1e-3 relative. The frozen run's frozen weights must be bitwise equal at steps 10 and 20 and its
-trainable matrices must change. Reload: no missing or unexpected keys, loss within `--tol-all` of the reference
-run's model.
+runs (3e-4, far above the spacing) keep the single-GPU reference. The 2B runs on two GPUs are held to
+`BF16_SPREAD_2B` after the first step: the spread of two one-process runs that differ only in micro-batch split,
+as the 2B loss curve turns any rounding difference at step 1 into tens of percent by step 11; the tiny runs,
+with every weight sharded under ZeRO-3, are the sharp test of the distributed gradients. The resumed run's steps
+11-20 must match the original's within 1e-3 relative. The frozen run's frozen weights must be bitwise equal at
+steps 10 and 20 and its trainable matrices must change. Reload: no missing or unexpected keys, and the reloaded
+model's eval loss within `SAVE_TOLERANCE` of the run's own last evaluation (the weights it saved).
 
 Output under `--out` (default `$OUT`): `distributed.json` and `distributed.md` (rewritten after every run, so a
 killed call keeps what finished), `logs/RUN.log`, and `runs/RUN/` (recipe, DeepSpeed config, metrics).
@@ -74,6 +81,14 @@ STEPS = 20
 RESUME_STEP = 10
 FROZEN_PATTERNS = ["model.layers.2.self_attn.*", "model.layers.4.self_attn.*", "model.layers.5.self_attn.*"]
 TWO_GPU_MODES = ("multi_gpu", "zero2", "zero3")
+# The 2B shape's per-step tolerance: the largest relative difference between two one-process runs of the same
+# recipe that differ only in how the global batch of 16 is split (one micro-batch of 16 against two of 8, so only in
+# summation order), 2x H200, 2026-11-22: 0.29 with autocast (2b/single_gpu, calls 4 and 7) and 0.33 with DeepSpeed's
+# bf16 weights (2b/zero2_1gpu, calls 5 and 7), both at step 11. Those runs differ by 5e-5..4e-4 at step 1; the
+# loss's fall from 12 to 1 in twelve steps multiplies that by hundreds, so no bf16 comparison of this trajectory is
+# tighter. The first step keeps --tol-first; the tiny runs, whose loss falls gently, keep --tol-all.
+BF16_SPREAD_2B = 0.33
+SAVE_TOLERANCE = 1e-2  # reloaded against trained eval loss: fp32 weights with autocast against the run's precision
 
 
 @dataclass
@@ -165,7 +180,8 @@ def plan_runs(out: Path) -> list[Run]:
         if model == "2b" and mode.startswith("zero") and processes > 1:
             reference = "2b/zero2_1gpu"
         recipe = bench_recipe(model, mode, processes, output, checkpoint_every)
-        return Run(name, model, mode, processes, recipe, reference=reference, **kw)
+        tolerance = BF16_SPREAD_2B if model == "2b" and processes > 1 else None
+        return Run(name, model, mode, processes, recipe, reference=reference, tolerance_all=tolerance, **kw)
 
     big = {"min_seconds": 150}
     shared = {"shares_gpus": True}
@@ -202,6 +218,10 @@ def prepare(run: Run, out: Path) -> tuple[list[str], dict[str, str]]:
     plan = plan_launch(loaded.recipe, visible_gpus=run.processes)
     if run.leaves:
         plan.deepspeed_config["zero_optimization"]["leaf_module"] = {"classes": leaf_classes(loaded.recipe)}
+    if run.model == "tiny" and run.mode == "zero3":
+        # zero3.json keeps weights of up to 1e5 elements whole on every process, and the tiny model's largest has
+        # 12k: shard them all, or the tiny ZeRO-3 runs would test none of the gathering that the 2B shape relies on
+        plan.deepspeed_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     write_deepspeed_config(plan)
     settings = [arg for item in run.overrides for arg in ("--set", item)]
     program = ["-m", "benchmarks.distributed_worker", "train", str(recipe_path), *settings, *run.extra]
@@ -358,27 +378,35 @@ def reload_check(model: str, results: list[dict], out: Path, deadline: float) ->
 
 
 def score_reload(check: dict, model: str, out: Path, tol_all: float) -> dict:
-    """The reload check passes when every folder loads with no missing or unexpected key, and each run that has a
-    reference run (all but the frozen-base run, which trains less) gives its reference's loss within `tol_all`."""
+    """The reload check passes when every folder loads with no missing or unexpected key and holds the model its run
+    trained: the reloaded model's eval loss within `SAVE_TOLERANCE` of the run's own last evaluation (`save_gap`).
+
+    A reload from a call before `save_gap` existed is held instead to its loss on a fixed batch within `tol_all` of
+    the reference run's model (no reference: the frozen-base run). `rel_to_reference` is reported wherever the
+    reference was reloaded; it is no save check for the 2B shape, whose runs end apart (`BF16_SPREAD_2B`).
+    """
     if "runs" not in check:
         return check
     by_run = check["runs"]
     references = {r.name: r.reference for r in plan_runs(out) if r.reference is not None}
-    missing = sorted({references[n] for n in by_run if n in references} - set(by_run))
-    if missing:
-        return {**check, "passed": False, "error": f"no reloaded {', '.join(missing)} to compare with"}
     for name, entry in by_run.items():
         reference = by_run.get(references.get(name, ""), {})
         if "loss" in entry and "loss" in reference:
             entry["rel_to_reference"] = abs(entry["loss"] - reference["loss"]) / max(abs(reference["loss"]), 1e-12)
-    passed = all(
-        "error" not in e
-        and not e["missing_keys"]
-        and not e["unexpected_keys"]
-        and (name not in references or e.get("rel_to_reference", math.inf) <= tol_all)
-        for name, e in by_run.items()
-    )
-    return {"runs": by_run, "passed": passed}
+    unmeasured = [n for n, e in by_run.items() if "save_gap" not in e and n in references]
+    missing = sorted({references[n] for n in unmeasured} - set(by_run))
+    if missing:
+        return {**check, "passed": False, "error": f"no reloaded {', '.join(missing)} to compare with"}
+
+    def holds(name: str, entry: dict) -> bool:
+        if "error" in entry or entry["missing_keys"] or entry["unexpected_keys"]:
+            return False
+        if "save_gap" in entry:
+            return entry["save_gap"] <= SAVE_TOLERANCE
+        return name not in references or entry.get("rel_to_reference", math.inf) <= tol_all
+
+    failed = [name for name, entry in by_run.items() if not holds(name, entry)]
+    return {"runs": by_run, "passed": not failed, **({"failed": failed} if failed else {})}
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -449,11 +477,14 @@ def write_report(out: Path, report: dict) -> None:
         + ", ".join(f"{k} {v}" for k, v in report["environment"]["versions"].items()),
         "",
         f"Rule 110, {STEPS} steps, N=2, AdamW, bf16; loss tolerance relative to the reference run: "
-        f"{report['tolerances']['first']:g} at the first step, {report['tolerances']['all']:g} at every step.",
+        f"{report['tolerances']['first']:g} at the first step, {report['tolerances']['all']:g} at every step unless "
+        f"the run's tolerance column says otherwise (the 2B shape: the spread of two one-process runs that differ "
+        f"only in micro-batch split; the resumed run: 1e-3). Reload: the saved model's eval loss within "
+        f"{SAVE_TOLERANCE:g} of its run's last evaluation.",
         "",
-        "| run | status | loss step 1 | loss last | reference | rel. diff first | rel. diff max | pass | tokens/s | "
-        "peak GiB per GPU | wall s | call |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | status | loss step 1 | loss last | reference | rel. diff first | rel. diff max | tolerance | pass | "
+        "tokens/s | peak GiB per GPU | wall s | call |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["runs"]:
         losses = r.get("losses", {})
@@ -463,7 +494,8 @@ def write_report(out: Path, report: dict) -> None:
             f"| {r['run']} | {r['status']} | {_num(losses.get(min(losses)) if losses else None)} | "
             f"{_num(losses.get(max(losses)) if losses else None)} | {cmp['reference'] if cmp else '-'} | "
             f"{_num(cmp and cmp['rel_first'], '.1e')} | "
-            f"{_num(cmp and cmp['rel_max'], '.1e')} | {'yes' if cmp and cmp['passed'] else ('no' if cmp else '-')} | "
+            f"{_num(cmp and cmp['rel_max'], '.1e')} | {_num(cmp and cmp['tolerance_all'], 'g')} | "
+            f"{'yes' if cmp and cmp['passed'] else ('no' if cmp else '-')} | "
             f"{_num(r.get('tokens_per_s'), ',.0f')}{' (shared)' if r.get('shares_gpus') else ''} | {peak} | "
             f"{r.get('wall_s', '-')} | {r.get('call', 1)} |"
         )
@@ -471,7 +503,7 @@ def write_report(out: Path, report: dict) -> None:
     for name, check in report["checks"].items():
         verdict = "pass" if check.get("passed") else "FAIL"
         detail = check.get("error") or json.dumps({k: v for k, v in check.items() if k not in ("passed", "runs")})
-        lines.append(f"- {name}: {verdict} ({detail})")
+        lines.append(f"- {name}: {verdict}" + (f" ({detail})" if detail != "{}" else ""))
         for run, entry in check.get("runs", {}).items():
             lines.append(f"  - {run}: {json.dumps(entry)}")
     failed = [r for r in report["runs"] if r["status"] not in ("ok", "skipped")]

@@ -7,8 +7,10 @@
 `$BENCH_RUN_DIR/metrics.jsonl` (the recipes log every step) and writes each process's peak CUDA memory to
 `$BENCH_RUN_DIR/memory_rank{RANK}.json`, even when training fails.
 
-`reload` loads each model folder with `from_pretrained` (recording missing and unexpected keys) and computes its
-loss on the first 8 examples of step 0 of the recipe's task, in fp32 weights with bf16 autocast, on one GPU.
+`reload` loads each model folder with `from_pretrained` (recording missing and unexpected keys), in fp32 weights
+with bf16 autocast on one GPU, and computes its loss on the first 8 examples of step 0 of the recipe's task (to
+compare runs) and on the recipe's evaluation set (to compare with the run's own last evaluation, the loss of the
+weights it saved: `save_gap`, the largest relative difference over the difficulty buckets).
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from retrofit.evaluation import EvalResult
 
 GIB = 2**30
 
@@ -68,16 +73,40 @@ def train(argv: Sequence[str]) -> int:
         write_peak_memory(run_dir)
 
 
+def save_gap(output_dir: Path, reloaded: EvalResult) -> dict[str, Any]:
+    """The reloaded model's eval loss per bucket against the run's last evaluation in `output_dir/eval/` (made on
+    the weights the run then saved), and the largest relative difference."""
+    from retrofit.evaluation import load_result
+    from retrofit.training.checkpoint import EVAL_DIR
+
+    evaluations = sorted((output_dir / EVAL_DIR).glob("step_*.json"))
+    if not evaluations:
+        return {"save_gap_error": f"no evaluation under {output_dir / EVAL_DIR}"}
+    trained = load_result(evaluations[-1])
+    pairs = list(zip((b.loss for b in trained.buckets), (b.loss for b in reloaded.buckets), strict=True))
+    return {
+        "eval_step": trained.step,
+        "eval_loss_trained": [a for a, _ in pairs],
+        "eval_loss_reloaded": [b for _, b in pairs],
+        "save_gap": max(abs(b - a) / max(abs(a), 1e-12) for a, b in pairs),
+    }
+
+
 def reload(recipe_path: str, out: str, model_dirs: Sequence[str]) -> int:
-    """Load each model folder, record its loading info and its loss on a fixed batch; write them to `out`."""
+    """Load each model folder, record its loading info, its loss on a fixed batch and its `save_gap`; write them
+    to `out`."""
+    from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
 
+    from retrofit.evaluation import evaluate, load_eval_set
     from retrofit.recipes import load_recipe, resolve
     from retrofit.training.data import micro_batch
 
     resolved = resolve(load_recipe(recipe_path).recipe)
-    task = resolved.task
+    task, section = resolved.task, resolved.recipe.eval
     batch = micro_batch(task, resolved.recipe.seed, 0, range(8), task.tokenizer.pad_token_id)
+    eval_set = load_eval_set(section, resolved.eval_task)
+    accelerator = Accelerator()  # one process: evaluate's sum over processes is the identity
     results = {}
     for folder in model_dirs:
         try:
@@ -85,10 +114,15 @@ def reload(recipe_path: str, out: str, model_dirs: Sequence[str]) -> int:
             model = model.cuda().eval()
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model(**{k: v.cuda() for k, v in batch.items()}).loss.item()
+                reloaded = evaluate(
+                    model, eval_set, task=resolved.eval_task, step=0, batch_size=section.batch_size,
+                    accelerator=accelerator,
+                )  # fmt: skip
             results[folder] = {
                 "loss": loss,
                 "missing_keys": list(info["missing_keys"]),
                 "unexpected_keys": list(info["unexpected_keys"]),
+                **save_gap(Path(folder).parent, reloaded),
             }
             del model
             torch.cuda.empty_cache()

@@ -134,3 +134,53 @@ def test_distributed_reload_checks_merge_across_calls(tmp_path):
     third = report({"2b/multi_gpu": entry(2.0, missing=["lm_head.weight"])})
     merged = distributed.merge_reports([first, second, third], tmp_path)
     assert not merged["checks"]["reload 2b (from_pretrained)"]["passed"]
+
+
+def test_2b_runs_on_two_gpus_are_held_to_the_split_spread_after_step_one(tmp_path):
+    """A 2B ZeRO-3 run 20% off its reference at step 11 passes (two one-process runs differing only in micro-batch
+    split were 33% apart there); the same drift fails a tiny run, and a 2B run 2% off at step 1 fails."""
+    from benchmarks import distributed
+
+    plan = {r.name: r for r in distributed.plan_runs(tmp_path)}
+    steps = range(1, distributed.STEPS + 1)
+    reference = {"run": "ref", "losses": {s: 2.0 for s in steps}}
+
+    def compared(name: str, drift: dict[int, float]) -> bool:
+        losses = {s: 2.0 * (1 + drift.get(s, 0.0)) for s in steps}
+        return distributed.compare({"losses": losses}, reference, plan[name], 1e-2, 5e-2)["passed"]
+
+    assert compared("2b/zero3", {11: 0.2}) and compared("2b/multi_gpu", {11: 0.2})
+    assert not compared("tiny/zero3", {11: 0.2})
+    assert not compared("2b/zero3", {1: 0.02}) and not compared("2b/zero3", {11: 0.4})
+    assert plan["2b/zero2_1gpu"].tolerance_all is None  # a reference is held to nothing
+
+
+def test_a_reload_is_scored_on_its_own_evaluation_when_measured(tmp_path):
+    """With `save_gap` the reloaded model must give its run's last eval loss, and needs no reference; without it
+    (an older call) the fixed-batch loss must be its reference's."""
+    from benchmarks import distributed
+
+    def entry(loss: float, **more) -> dict:
+        return {"loss": loss, "missing_keys": [], "unexpected_keys": [], **more}
+
+    saved = distributed.score_reload({"runs": {"2b/zero3": entry(9.0, save_gap=1e-3)}}, "2b", tmp_path, 5e-2)
+    assert saved["passed"] and saved["runs"]["2b/zero3"]["save_gap"] == 1e-3
+    stale = distributed.score_reload({"runs": {"2b/zero3": entry(2.0, save_gap=0.2)}}, "2b", tmp_path, 5e-2)
+    assert not stale["passed"] and stale["failed"] == ["2b/zero3"]
+    older = distributed.score_reload({"runs": {"2b/zero2": entry(2.0)}}, "2b", tmp_path, 5e-2)
+    assert not older["passed"] and "no reloaded 2b/zero2_1gpu" in older["error"]
+
+
+def test_save_gap_compares_the_last_evaluation_bucket_by_bucket(tmp_path):
+    from benchmarks.distributed_worker import save_gap
+    from retrofit.evaluation import Bucket, EvalResult
+
+    def result(step: int, losses: list[float]) -> EvalResult:
+        return EvalResult("rule110", step, [Bucket(d, 4, 0, 0.0, loss) for d, loss in zip((1, 2), losses, strict=True)])
+
+    (tmp_path / "eval").mkdir()
+    for step, losses in ((10, [9.0, 9.0]), (20, [1.0, 2.0])):
+        (tmp_path / "eval" / f"step_{step:06d}.json").write_text(json.dumps(result(step, losses).to_dict()))
+    gap = save_gap(tmp_path, result(0, [1.01, 1.9]))
+    assert gap["eval_step"] == 20 and gap["save_gap"] == pytest.approx(0.05)
+    assert "save_gap_error" in save_gap(tmp_path / "elsewhere", result(0, [1.0, 2.0]))

@@ -540,6 +540,9 @@ def test_benchmark_dry_run_writes_valid_recipes_configs_and_commands(tmp_path):
         if mode in ("zero2", "zero3"):
             config = json.loads((folder / "out" / DEEPSPEED_CONFIG_FILE).read_text())
             assert auto_keys(config) == [] and config["train_batch_size"] == loaded.train.batch_size
+            if mode == "zero3" and name.startswith("tiny/"):  # every tiny weight sharded, none kept whole
+                threshold = config["zero_optimization"]["stage3_param_persistence_threshold"]
+                assert min(p.numel() for p in build_model(resolve(loaded)).parameters()) > threshold
     # the same global batch in every mode, split into micro-batches of one size (the same bf16 roundings)
     assert all(len(sizes) == 1 for sizes in batches.values())
     leaf = json.loads((tmp_path / "runs" / "tiny-zero3_leaf" / "out" / DEEPSPEED_CONFIG_FILE).read_text())
