@@ -216,6 +216,11 @@ MALFORMED = {
         ],
         "eval.source: the frozen eval set has no examples at difficulties [3] of [1, 2, 3]",
     ),
+    "frozen eval made by another task": (  # a smaller Depo on the paper-size frozen set would measure nothing
+        lambda t: [*_recipe(t, minimal(task={"name": "depo", "options": {"max_nodes": 10}})), "--dry-run"],
+        "eval.source: the frozen eval set was made by another depo task (max_nodes=10 (frozen set: 75)), so it "
+        "would not measure this one; use eval.source: generated",
+    ),
     "missing section": (
         lambda t: _recipe(t, {k: v for k, v in minimal().items() if k != "train"}),
         "train: required key is missing",

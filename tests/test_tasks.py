@@ -151,6 +151,23 @@ def test_depo_labels_and_layout():
         assert ex["difficulty"] == 4 and {tokens[p] for p in range(301, 340, 4)} == {"h4"}
 
 
+def test_depo_with_one_context_window_writes_the_cycle_there_and_asks_in_the_next():
+    task = get_task("depo", max_nodes=18, num_queries=1, context_windows=1)
+    assert (task.seq_len, task.window) == (79, 75)
+    record = {"difficulty": 2, "edges": [[7, 3], [3, 9], [9, 7]], "queries": [[2, 3, 7]]}
+    ex = task.encode(record)
+    tokens = task.tokenizer.convert_ids_to_tokens(ex["input_ids"])
+    cycle = ["n7", "->", "n3", ",", "n3", "->", "n9", ",", "n9", "->", "n7", ","]
+    assert tokens == [task.tokenizer.pad_token] * 63 + cycle + ["?", "h2", "n3", "n7"]
+    assert ex["attention_mask"] == [0] * 63 + [1] * 16 and _supervised_positions(ex) == [78]
+    with pytest.raises(ValueError, match="19 edges does not fit 1 context window"):
+        task.encode({**record, "edges": [[i, i + 1] for i in range(19)]})
+    with pytest.raises(ValueError, match=r"max_nodes <= 18 \(what 1 context window"):
+        get_task("depo", context_windows=1)
+    with pytest.raises(ValueError, match="context_windows must be in"):
+        get_task("depo", context_windows=5)
+
+
 # ---------------------------------------------------------------- gsm_infinite
 
 _DEFS = [

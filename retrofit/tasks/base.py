@@ -69,6 +69,9 @@ class Task(abc.ABC):
 
     name: ClassVar[str]
     frozen_eval: ClassVar[FrozenEval]
+    # Options that shape every example of a bucket (not only which buckets there are): the frozen set measures this
+    # task only where they equal the generating task's.
+    frozen_eval_fixed: ClassVar[tuple[str, ...]] = ()
     window: int
 
     @property
@@ -146,6 +149,16 @@ class Task(abc.ABC):
     def frozen_eval_path(self, path: str | Path | None = None) -> Path:
         """`path`, or this task's frozen eval set in data/ (`data/<task>/eval.jsonl`)."""
         return Path(path) if path is not None else DATA_DIR / self.name / "eval.jsonl"
+
+    def frozen_eval_mismatch(self) -> list[str]:
+        """`option=value (frozen set: value)` for each of `frozen_eval_fixed` on which this task differs from the
+        task that generated the frozen set in data/."""
+        generator = type(self)(**self.frozen_eval.options)
+        return [
+            f"{key}={getattr(self, key)!r} (frozen set: {getattr(generator, key)!r})"
+            for key in self.frozen_eval_fixed
+            if getattr(self, key) != getattr(generator, key)
+        ]
 
     def load_frozen_eval(self, path: str | Path | None = None) -> datasets.Dataset:
         """Load a frozen eval set (JSONL of records; default `data/<task>/eval.jsonl`) and encode it with this task.

@@ -1,11 +1,14 @@
 """Depo (paper §6.2; Physics of LMs Part 4.1): k-hop queries on a shuffled directed cycle, asked after it is evicted.
 
-Layout (L = 75, T = 300 + 4 * num_queries = 340 by default):
-- positions 0..299, the context (4 windows): left padding (`<pad>`, attention_mask 0), then the n edges of a directed
-  cycle in shuffled order, 4 tokens each: `src -> dst ,`. n <= 75 nodes fill at most 300 tokens.
-- positions 300.., the 5th window: `num_queries` QAs of 4 tokens each: `? h{k} start answer`, with the loss on `answer`
-  only (answer = the node k edges after `start`). Each QA opens with the separator `?`, so the first one sits at the
-  chunk start (position 300) and every answer's context (hop and start tokens) lies in the prediction chunk.
+Layout (L = 75, C = 75 * context_windows, T = C + 4 * num_queries; the paper's C = 300, T = 340 by default):
+- positions 0..C-1, the context (`context_windows` windows, 4 in the paper): left padding (`<pad>`, attention_mask
+  0), then the n edges of a directed cycle in shuffled order, 4 tokens each: `src -> dst ,`. n <= C / 4 nodes.
+- positions C.., the last window: `num_queries` QAs of 4 tokens each: `? h{k} start answer`, with the loss on
+  `answer` only (answer = the node k edges after `start`). Each QA opens with the separator `?`, so the first one sits
+  at the chunk start (position C) and every answer's context (hop and start tokens) lies in the prediction chunk.
+
+Fewer context windows make a smaller Depo (at most 18 nodes in one window): the cycle is still evicted before the
+queries, and a step costs a third of the paper's layout.
 Node names are single tokens `n0`..`n99`, sampled without replacement per example. Training draws k ~ U[1, max_hops]
 for each query; an example's difficulty is its largest k. Eval examples use one k for all queries (difficulty = k).
 """
@@ -21,7 +24,7 @@ from .base import IGNORE_INDEX, Example, FrozenEval, Task
 from .tokenizer import build_word_tokenizer
 
 WINDOW = 75
-CONTEXT_LEN = 4 * WINDOW
+MAX_CONTEXT_WINDOWS = 4  # the paper's layout
 EDGE_LEN = 4
 QA_LEN = 4
 NUM_NODE_TOKENS = 100
@@ -44,12 +47,29 @@ class DepoTask(Task):
 
     name: ClassVar[str] = "depo"
     frozen_eval: ClassVar[FrozenEval] = FrozenEval(num_per_difficulty=128)
+    frozen_eval_fixed = ("min_nodes", "max_nodes", "num_queries", "context_windows")
     window = WINDOW
 
-    def __init__(self, *, min_nodes: int = 3, max_nodes: int = 75, max_hops: int = 16, num_queries: int = 10) -> None:
-        """Cycles have n ~ U[min_nodes, max_nodes] nodes; training hops k ~ U[1, max_hops]; `num_queries` QAs."""
-        if not 2 <= min_nodes <= max_nodes <= CONTEXT_LEN // EDGE_LEN:
-            raise ValueError(f"depo needs 2 <= min_nodes <= max_nodes <= 75, got {min_nodes}, {max_nodes}")
+    def __init__(
+        self,
+        *,
+        min_nodes: int = 3,
+        max_nodes: int = 75,
+        max_hops: int = 16,
+        num_queries: int = 10,
+        context_windows: int = MAX_CONTEXT_WINDOWS,
+    ) -> None:
+        """Cycles have n ~ U[min_nodes, max_nodes] nodes, written in `context_windows` windows; training hops
+        k ~ U[1, max_hops]; `num_queries` QAs."""
+        if not 1 <= context_windows <= MAX_CONTEXT_WINDOWS:
+            raise ValueError(f"depo context_windows must be in [1, {MAX_CONTEXT_WINDOWS}], got {context_windows}")
+        self.context_windows, self.context_len = context_windows, WINDOW * context_windows
+        most = self.context_len // EDGE_LEN
+        if not 2 <= min_nodes <= max_nodes <= most:
+            raise ValueError(
+                f"depo needs 2 <= min_nodes <= max_nodes <= {most} (what {context_windows} context window(s) hold), "
+                f"got {min_nodes}, {max_nodes}"
+            )
         if not 1 <= max_hops <= MAX_HOPS:
             raise ValueError(f"depo max_hops must be in [1, {MAX_HOPS}], got {max_hops}")
         if not 1 <= num_queries <= WINDOW // QA_LEN:
@@ -68,7 +88,7 @@ class DepoTask(Task):
 
     @property
     def seq_len(self) -> int:
-        return CONTEXT_LEN + QA_LEN * self.num_queries
+        return self.context_len + QA_LEN * self.num_queries
 
     @property
     def eval_difficulties(self) -> list[int]:
@@ -96,9 +116,15 @@ class DepoTask(Task):
         context = []
         for src, dst in record["edges"]:
             context += [vocab[node_token(src)], arrow, vocab[node_token(dst)], edge_sep]
-        num_pad = CONTEXT_LEN - len(context)
+        num_pad = self.context_len - len(context)
+        if num_pad < 0:
+            raise ValueError(
+                f"a depo record of {len(record['edges'])} edges does not fit {self.context_windows} context window(s) "
+                f"({self.context_len // EDGE_LEN} edges); raise task.options.context_windows or use records made "
+                "with these options (eval.source: generated)"
+            )
         input_ids = [self._tokenizer.pad_token_id] * num_pad + context
-        labels = [IGNORE_INDEX] * CONTEXT_LEN
+        labels = [IGNORE_INDEX] * self.context_len
         for hops, start, answer in record["queries"]:
             qa = [query_sep, vocab[hop_token(hops)], vocab[node_token(start)], vocab[node_token(answer)]]
             input_ids += qa
