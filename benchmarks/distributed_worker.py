@@ -9,13 +9,14 @@
 
 `reload` loads each model folder with `from_pretrained` (recording missing and unexpected keys), in fp32 weights
 with bf16 autocast on one GPU, and computes its loss on the first 8 examples of step 0 of the recipe's task (to
-compare runs) and on the recipe's evaluation set (to compare with the run's own last evaluation, the loss of the
-weights it saved: `save_gap`, the largest relative difference over the difficulty buckets).
+compare runs) and on the recipe's evaluation set (to compare with the run's final evaluation in `results.json`, the
+loss of the weights it saved: `save_gap`, the largest relative difference over the difficulty buckets).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -74,21 +75,22 @@ def train(argv: Sequence[str]) -> int:
 
 
 def save_gap(output_dir: Path, reloaded: EvalResult) -> dict[str, Any]:
-    """The reloaded model's eval loss per bucket against the run's last evaluation in `output_dir/eval/` (made on
-    the weights the run then saved), and the largest relative difference."""
+    """The reloaded model's eval loss per bucket against the run's final evaluation (`output_dir/results.json`,
+    written with the model folder, on the weights it saved), and the largest relative difference (inf if any loss
+    is not finite)."""
     from retrofit.evaluation import load_result
-    from retrofit.training.checkpoint import EVAL_DIR
 
-    evaluations = sorted((output_dir / EVAL_DIR).glob("step_*.json"))
-    if not evaluations:
-        return {"save_gap_error": f"no evaluation under {output_dir / EVAL_DIR}"}
-    trained = load_result(evaluations[-1])
+    final = output_dir / "results.json"
+    if not final.is_file():
+        return {"save_gap_error": f"no {final}"}
+    trained = load_result(final)
     pairs = list(zip((b.loss for b in trained.buckets), (b.loss for b in reloaded.buckets), strict=True))
+    gaps = [abs(b - a) / max(abs(a), 1e-12) for a, b in pairs]
     return {
         "eval_step": trained.step,
         "eval_loss_trained": [a for a, _ in pairs],
         "eval_loss_reloaded": [b for _, b in pairs],
-        "save_gap": max(abs(b - a) / max(abs(a), 1e-12) for a, b in pairs),
+        "save_gap": max(gaps) if all(math.isfinite(g) for g in gaps) else math.inf,
     }
 
 

@@ -159,7 +159,7 @@ def _validate(args: argparse.Namespace) -> int:
         )
         print(
             f"tokens per step: {report.tokens_per_step:,} ({recipe.train.batch_size} x {resolved.task.seq_len}; "
-            f"{report.accumulation_steps} accumulation step(s) of {recipe.micro_batch_size} per process)"
+            f"{report.accumulation_steps} accumulation step(s) of {recipe.micro_batch_size()} per process)"
         )
         print(f"passes per chunk: {report.passes}")
         print(

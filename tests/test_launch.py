@@ -123,6 +123,15 @@ def test_filled_deepspeed_config_has_no_auto_and_the_batch_arithmetic(tmp_path, 
     assert config["gradient_clipping"] == 1.0
     assert config["bf16"] == {"enabled": True}
     assert config["zero_optimization"]["stage"] == int(mode[-1])
+
+
+@pytest.mark.parametrize("processes", [1, 2, 4])
+def test_without_a_micro_batch_size_the_global_batch_is_split_over_the_processes(tmp_path, processes):
+    train = {"max_steps": 2, "batch_size": 16, "log_with": []}
+    plan = plan_launch(recipe(tmp_path, train=train, launch={"mode": "zero2", "num_processes": processes}), 0)
+    config = plan.deepspeed_config
+    assert config["train_micro_batch_size_per_gpu"] * processes == 16
+    assert config["gradient_accumulation_steps"] == 1 and config["train_batch_size"] == 16
     assert plan.num_processes == processes
     assert plan.deepspeed_path == tmp_path / "r-out" / DEEPSPEED_CONFIG_FILE
 

@@ -112,6 +112,18 @@ def _cycle(tmp_path: Path) -> list[str]:
     return [str(tmp_path / "a.yaml")]
 
 
+DEPO_FROZEN = Path(__file__).resolve().parents[1] / "data" / "depo" / "eval.jsonl"
+
+
+def _bad_spec(tmp_path: Path) -> Path:
+    """A copy of the Depo frozen set whose spec.json names options no Depo task takes."""
+    folder = tmp_path / "frozen"
+    folder.mkdir()
+    (folder / "eval.jsonl").write_text(DEPO_FROZEN.read_text())
+    (folder / "spec.json").write_text(json.dumps({"task": "depo", "options": {"max_nodes": 500}}))
+    return folder / "eval.jsonl"
+
+
 def _recipe(tmp_path: Path, data: dict, *overrides: str) -> list[str]:
     return [str(write(tmp_path / "bad.yaml", data)), *(a for o in overrides for a in ("--set", o))]
 
@@ -220,6 +232,20 @@ MALFORMED = {
         lambda t: [*_recipe(t, minimal(task={"name": "depo", "options": {"max_nodes": 10}})), "--dry-run"],
         "eval.source: the frozen eval set was made by another depo task (max_nodes=10 (frozen set: 75)), so it "
         "would not measure this one; use eval.source: generated",
+    ),
+    "the shipped frozen set named by its path": (
+        lambda t: [
+            *_recipe(t, minimal(task={"name": "depo", "options": {"max_nodes": 10}}, eval={"path": str(DEPO_FROZEN)})),
+            "--dry-run",
+        ],
+        "eval.source: the frozen eval set was made by another depo task (max_nodes=10 (frozen set: 75))",
+    ),
+    "frozen set whose spec makes no task": (
+        lambda t: [
+            *_recipe(t, minimal(task={"name": "depo", "options": {}}, eval={"path": str(_bad_spec(t))})),
+            "--dry-run",
+        ],
+        "eval.path: the spec.json beside",
     ),
     "missing section": (
         lambda t: _recipe(t, {k: v for k, v in minimal().items() if k != "train"}),

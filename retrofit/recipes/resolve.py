@@ -89,15 +89,19 @@ def resolve(recipe: Recipe) -> ResolvedRecipe:
 
 
 def _check_frozen_eval(recipe: Recipe, eval_task: Task) -> None:
-    """The frozen eval set exists, was made by a task like the eval task (`Task.frozen_eval_mismatch`, for the
-    shipped sets) and holds every difficulty bucket of the eval task (checked here, before any model is built, and
-    again when it is loaded)."""
+    """The frozen eval set exists, was made by a task like the eval task (`Task.frozen_eval_mismatch`) and holds
+    every difficulty bucket of the eval task (checked here, before any model is built, and again when it is
+    loaded)."""
     frozen = eval_task.frozen_eval_path(recipe.eval.path)
     if not frozen.is_file():
         raise RecipeError("eval.path", f"no frozen eval set at {frozen}; fix the path or use eval.source: generated")
     with frozen.open() as f:
         present = {json.loads(line)["difficulty"] for line in f if line.strip()}
-    differing = eval_task.frozen_eval_mismatch() if recipe.eval.path is None else []
+    try:
+        differing = eval_task.frozen_eval_mismatch(recipe.eval.path)
+    except ValueError as exc:
+        problem = f"the spec.json beside {frozen} does not describe a {eval_task.name} task: {exc}"
+        raise RecipeError("eval.path", problem) from None
     if differing:
         raise RecipeError(
             "eval.source",

@@ -85,7 +85,7 @@ class TrainSection(Section):
     max_steps: PositiveInt
     batch_size: PositiveInt = 64
     micro_batch_size: PositiveInt | None = Field(
-        default=None, description="examples per forward on one process; default: batch_size"
+        default=None, description="examples per forward on one process; default: batch_size / processes"
     )
     precision: Literal["auto", "bf16", "fp32"] = Field(default="auto", description="auto: bf16 on GPU, fp32 on CPU")
     checkpoint_every: int = Field(default=0, ge=0, description="0: only at the end")
@@ -229,7 +229,7 @@ class Recipe(Section):
     adapter: AdapterSection | None = None
     stages: list[StageSection] | None = None
 
-    @property
-    def micro_batch_size(self) -> int:
-        """Examples per forward on one process."""
-        return self.train.micro_batch_size or self.train.batch_size
+    def micro_batch_size(self, num_processes: int = 1) -> int:
+        """Examples per forward on one process: `train.micro_batch_size`, by default the global batch split evenly
+        over the `num_processes` processes (no accumulation)."""
+        return self.train.micro_batch_size or max(self.train.batch_size // num_processes, 1)

@@ -69,8 +69,8 @@ class Task(abc.ABC):
 
     name: ClassVar[str]
     frozen_eval: ClassVar[FrozenEval]
-    # Options that shape every example of a bucket (not only which buckets there are): the frozen set measures this
-    # task only where they equal the generating task's.
+    # Options that shape every example of a bucket (not only which buckets there are): a frozen set measures this
+    # task only where they equal the generating task's. Each is also the name of the attribute holding its value.
     frozen_eval_fixed: ClassVar[tuple[str, ...]] = ()
     window: int
 
@@ -150,10 +150,16 @@ class Task(abc.ABC):
         """`path`, or this task's frozen eval set in data/ (`data/<task>/eval.jsonl`)."""
         return Path(path) if path is not None else DATA_DIR / self.name / "eval.jsonl"
 
-    def frozen_eval_mismatch(self) -> list[str]:
-        """`option=value (frozen set: value)` for each of `frozen_eval_fixed` on which this task differs from the
-        task that generated the frozen set in data/."""
-        generator = type(self)(**self.frozen_eval.options)
+    def frozen_eval_mismatch(self, path: str | Path | None = None) -> list[str]:
+        """`option=value (frozen set: value)` for each option in `frozen_eval_fixed` on which this task differs from
+        the task that generated the frozen set at `path` (default: data/), as told by the `spec.json` beside it that
+        `export_frozen_eval` writes; a set without one is not checked. Raises `ValueError` when the spec's options do
+        not make a task of this type."""
+        spec_path = self.frozen_eval_path(path).with_name("spec.json")
+        if not self.frozen_eval_fixed or not spec_path.is_file():
+            return []
+        spec = json.loads(spec_path.read_text())
+        generator = type(self)(**spec.get("options", {}))
         return [
             f"{key}={getattr(self, key)!r} (frozen set: {getattr(generator, key)!r})"
             for key in self.frozen_eval_fixed

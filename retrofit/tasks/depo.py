@@ -120,8 +120,8 @@ class DepoTask(Task):
         if num_pad < 0:
             raise ValueError(
                 f"a depo record of {len(record['edges'])} edges does not fit {self.context_windows} context window(s) "
-                f"({self.context_len // EDGE_LEN} edges); raise task.options.context_windows or use records made "
-                "with these options (eval.source: generated)"
+                f"({self.context_len // EDGE_LEN} edges); raise context_windows (task.options, or eval.task_options "
+                "for the evaluation) or use records made with these options (eval.source: generated)"
             )
         input_ids = [self._tokenizer.pad_token_id] * num_pad + context
         labels = [IGNORE_INDEX] * self.context_len

@@ -52,11 +52,12 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, Tensor]
 
 def accumulation_steps(recipe: Recipe, num_processes: int) -> int:
     """Micro-steps per optimizer step so that micro-batches x processes x steps = the global batch."""
-    per_step = recipe.micro_batch_size * num_processes
+    micro = recipe.micro_batch_size(num_processes)
+    per_step = micro * num_processes
     if recipe.train.batch_size % per_step:
         raise RecipeError(
             "train.batch_size",
             f"{recipe.train.batch_size} is not a multiple of micro_batch_size x processes = "
-            f"{recipe.micro_batch_size} x {num_processes}; change train.micro_batch_size",
+            f"{micro} x {num_processes}; set train.micro_batch_size",
         )
     return recipe.train.batch_size // per_step

@@ -169,7 +169,7 @@ def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = 
         loss_sum = torch.zeros((), device=accelerator.device)
         tokens = 0
         for micro in range(accum):
-            indices = micro_batch_indices(micro, rank, world, recipe.micro_batch_size)
+            indices = micro_batch_indices(micro, rank, world, recipe.micro_batch_size(world))
             batch = micro_batch(task, recipe.seed, step, indices, pad_id)
             tokens += int(batch["attention_mask"].sum())  # on the host copy: no wait for the GPU
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
@@ -304,10 +304,11 @@ def dry_run(loaded: LoadedRecipe) -> DryRunReport:
 def _print_plan(accelerator: Accelerator, resolved: ResolvedRecipe, model: torch.nn.Module, accum: int) -> None:
     recipe = resolved.recipe
     summary = ModelSummary.of(accelerator.unwrap_model(model))
+    processes = accelerator.num_processes
     accelerator.print(
         f"{recipe.task.name}: {summary.parameters:,} parameters, {summary.blocks} blocks; "
         f"{recipe.train.batch_size} x {resolved.task.seq_len} tokens per step "
-        f"({accelerator.num_processes} process(es) x {recipe.micro_batch_size} x {accum} accumulation); "
+        f"({processes} process(es) x {recipe.micro_batch_size(processes)} x {accum} accumulation); "
         f"{describe_passes(resolved.sleep, resolved.task.seq_len)}; output {recipe.output_dir}"
     )
 
