@@ -393,7 +393,9 @@ def score_reload(check: dict, model: str, out: Path, tol_all: float) -> dict:
     if "runs" not in check:
         return check
     by_run = check["runs"]
-    references = {r.name: r.reference for r in plan_runs(out) if r.reference is not None}
+    plan = plan_runs(out)
+    references = {r.name: r.reference for r in plan if r.reference is not None}
+    tolerances = {r.name: r.tolerance_all for r in plan if r.tolerance_all is not None}
     for name, entry in by_run.items():
         reference = by_run.get(references.get(name, ""), {})
         if "loss" in entry and "loss" in reference:
@@ -402,8 +404,6 @@ def score_reload(check: dict, model: str, out: Path, tol_all: float) -> dict:
     missing = sorted({references[n] for n in unmeasured} - set(by_run))
     if missing:
         return {**check, "passed": False, "error": f"no reloaded {', '.join(missing)} to compare with"}
-
-    tolerances = {r.name: r.tolerance_all for r in plan_runs(out) if r.tolerance_all is not None}
 
     def holds(name: str, entry: dict) -> bool:
         if "error" in entry or "save_gap_error" in entry or entry["missing_keys"] or entry["unexpected_keys"]:
@@ -486,7 +486,7 @@ def write_report(out: Path, report: dict) -> None:
         "",
         f"Rule 110, {STEPS} steps, N=2, AdamW, bf16; loss tolerance relative to the reference run: "
         f"{report['tolerances']['first']:g} at the first step, {report['tolerances']['all']:g} at every step unless "
-        f"the run's tolerance column says otherwise (the 2B shape: the spread of two one-process runs that differ "
+        f"the run's tolerance column says otherwise (2B ZeRO-3: the spread of two one-process runs that differ "
         f"only in micro-batch split; the resumed run: 1e-3). Reload: the saved model's eval loss within "
         f"{SAVE_TOLERANCE:g} of its run's final evaluation.",
         "",
