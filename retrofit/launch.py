@@ -138,10 +138,10 @@ def deepspeed_values(recipe: Recipe, num_processes: int) -> dict[str, Any]:
 
     Raises `RecipeError` (`train.batch_size`) when the global batch does not split into micro-batches x processes.
     """
-    accumulation = accumulation_steps(recipe, num_processes)
+    accumulation, micro = accumulation_steps(recipe, num_processes), recipe.micro_batch_size(num_processes)
     return {
-        "train_batch_size": recipe.micro_batch_size(num_processes) * accumulation * num_processes,
-        "train_micro_batch_size_per_gpu": recipe.micro_batch_size(num_processes),
+        "train_batch_size": micro * accumulation * num_processes,
+        "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accumulation,
         "gradient_clipping": recipe.optimizer.grad_clip or 0.0,
         "bf16.enabled": recipe.train.precision != "fp32",  # DeepSpeed runs on GPUs, where `auto` means bf16

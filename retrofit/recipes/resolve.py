@@ -95,8 +95,6 @@ def _check_frozen_eval(recipe: Recipe, eval_task: Task) -> None:
     frozen = eval_task.frozen_eval_path(recipe.eval.path)
     if not frozen.is_file():
         raise RecipeError("eval.path", f"no frozen eval set at {frozen}; fix the path or use eval.source: generated")
-    with frozen.open() as f:
-        present = {json.loads(line)["difficulty"] for line in f if line.strip()}
     try:
         differing = eval_task.frozen_eval_mismatch(recipe.eval.path)
     except ValueError as exc:
@@ -108,6 +106,8 @@ def _check_frozen_eval(recipe: Recipe, eval_task: Task) -> None:
             f"the frozen eval set was made by another {eval_task.name} task ({', '.join(differing)}), so it would not "
             "measure this one; use eval.source: generated",
         )
+    with frozen.open() as f:
+        present = {json.loads(line)["difficulty"] for line in f if line.strip()}
     missing = sorted(set(eval_task.eval_difficulties) - present)
     if missing:
         raise RecipeError(
