@@ -124,6 +124,17 @@ def _bad_spec(tmp_path: Path) -> Path:
     return folder / "eval.jsonl"
 
 
+def _bad_record(tmp_path: Path) -> Path:
+    """A copy of the Depo frozen set whose second record has an edge into node 150 (the nodes are 0..99)."""
+    lines = DEPO_FROZEN.read_text().splitlines()
+    record = json.loads(lines[1])
+    record["edges"][0][1] = 150
+    lines[1] = json.dumps(record)
+    path = tmp_path / "eval.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def _recipe(tmp_path: Path, data: dict, *overrides: str) -> list[str]:
     return [str(write(tmp_path / "bad.yaml", data)), *(a for o in overrides for a in ("--set", o))]
 
@@ -246,6 +257,14 @@ MALFORMED = {
             "--dry-run",
         ],
         "eval.path: the spec.json beside",
+    ),
+    "frozen set with a node outside the vocabulary": (
+        lambda t: _recipe(t, minimal(task={"name": "depo", "options": {}}, eval={"path": str(_bad_record(t))})),
+        "eval.path: /",  # the file's path follows
+    ),
+    "frozen set with a node outside the vocabulary, the record named": (
+        lambda t: _recipe(t, minimal(task={"name": "depo", "options": {}}, eval={"path": str(_bad_record(t))})),
+        "eval.jsonl, line 2: edges[0][1] (a node) must be an integer in [0, 99], got 150",
     ),
     "missing section": (
         lambda t: _recipe(t, {k: v for k, v in minimal().items() if k != "train"}),

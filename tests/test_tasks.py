@@ -350,3 +350,69 @@ def test_an_eval_set_that_fits_one_window_is_flagged():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_eval_set(EvalSection(source="frozen"), task, window=128)
+
+
+def _write_records(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def _first_frozen(name):
+    with (DATA_DIR / name / "eval.jsonl").open() as f:
+        return json.loads(f.readline())
+
+
+def _edit(record, change):
+    record = json.loads(json.dumps(record))
+    change(record)
+    return record
+
+
+BAD_RECORDS = {
+    # name: (task, how the second record is broken, what the error says)
+    "depo node outside the vocabulary": (
+        "depo",
+        lambda r: r["edges"][2].__setitem__(0, 150),
+        "edges[2][0] (a node) must be an integer in [0, 99], got 150",
+    ),
+    "depo negative answer node": (
+        "depo",
+        lambda r: r["queries"][0].__setitem__(2, -1),
+        "queries[0][2] (answer node) must be an integer in [0, 99], got -1",
+    ),
+    "depo hop count too large": (
+        "depo",
+        lambda r: r["queries"][3].__setitem__(0, 33),
+        "queries[3][0] (hops) must be an integer in [1, 32], got 33",
+    ),
+    "gsm negative answer (was encoded as 97)": (
+        "gsm_infinite",
+        lambda r: r.__setitem__("answer", -3),
+        "answer must be an integer in [0, 99], got -3",
+    ),
+    "gsm answer as a string": ("gsm_infinite", lambda r: r.__setitem__("answer", "7"), "answer must be int, got '7'"),
+    "rule110 state with another character": (
+        "rule110",
+        lambda r: r["states"].__setitem__(1, "2" * 24),
+        "states must be 4 strings of 24 '0'/'1' characters",
+    ),
+    "rule110 missing answer": ("rule110", lambda r: r.pop("answer"), "no field 'answer'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RECORDS))
+def test_frozen_file_with_a_bad_record_names_file_line_and_field(case, tmp_path):
+    name, change, expected = BAD_RECORDS[case]
+    good = _first_frozen(name)
+    task = get_task(name, **get_task(name).frozen_eval.options)
+    path = _write_records(tmp_path / "eval.jsonl", [good, _edit(good, change)])
+    with pytest.raises(ValueError) as raised:
+        task.load_frozen_eval(path)
+    assert str(raised.value).startswith(f"{path}, line 2: {expected}"), raised.value
+    assert len(task.load_frozen_eval(_write_records(tmp_path / "ok.jsonl", [good, good]))) == 2
+
+
+def test_frozen_file_that_is_not_json_names_the_line(tmp_path):
+    path = _write_records(tmp_path / "eval.jsonl", [_first_frozen("depo"), "", "{not json"])
+    with pytest.raises(ValueError, match=r"eval.jsonl, line 3: Expecting property name"):
+        get_task("depo").load_frozen_eval(path)

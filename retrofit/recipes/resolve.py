@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import json
 import re
 import typing
 from dataclasses import dataclass, fields, is_dataclass
@@ -89,9 +88,9 @@ def resolve(recipe: Recipe) -> ResolvedRecipe:
 
 
 def _check_frozen_eval(recipe: Recipe, eval_task: Task) -> None:
-    """The frozen eval set exists, was made by a task like the eval task (`Task.frozen_eval_mismatch`) and holds
-    every difficulty bucket of the eval task (checked here, before any model is built, and again when it is
-    loaded)."""
+    """The frozen eval set exists, was made by a task like the eval task (`Task.frozen_eval_mismatch`), encodes
+    record by record, and holds every difficulty bucket of the eval task (checked here, before any model is built,
+    and again when it is loaded)."""
     frozen = eval_task.frozen_eval_path(recipe.eval.path)
     if not frozen.is_file():
         raise RecipeError("eval.path", f"no frozen eval set at {frozen}; fix the path or use eval.source: generated")
@@ -106,8 +105,10 @@ def _check_frozen_eval(recipe: Recipe, eval_task: Task) -> None:
             f"the frozen eval set was made by another {eval_task.name} task ({', '.join(differing)}), so it would not "
             "measure this one; use eval.source: generated",
         )
-    with frozen.open() as f:
-        present = {json.loads(line)["difficulty"] for line in f if line.strip()}
+    try:
+        present = set(eval_task.load_frozen_eval(recipe.eval.path)["difficulty"])
+    except ValueError as exc:
+        raise RecipeError("eval.path", str(exc)) from None
     missing = sorted(set(eval_task.eval_difficulties) - present)
     if missing:
         raise RecipeError(

@@ -60,6 +60,23 @@ FEATURES = datasets.Features(
 )
 
 
+def record_field(record: dict[str, Any], key: str, kind: type) -> Any:
+    """`record[key]`, which must be of type `kind`; `ValueError` naming the key otherwise."""
+    if key not in record:
+        raise ValueError(f"no field {key!r}")
+    value = record[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"{key} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def check_int(value: Any, low: int, high: int | None, where: str) -> None:
+    """`ValueError` naming `where` unless `value` is an integer in [low, high] (`high=None`: at least `low`)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{where} must be an integer {bounds}, got {value!r}")
+
+
 class Task(abc.ABC):
     """A seeded, deterministic generator of supervised sequences for one task.
 
@@ -96,6 +113,12 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def encode(self, record: dict[str, Any]) -> Example:
         """Turn a record into token ids, labels and attention mask."""
+
+    @abc.abstractmethod
+    def check_record(self, record: dict[str, Any]) -> None:
+        """Raise `ValueError` naming the field when `record` (a line of a JSONL file, say) is not one this task can
+        encode. `encode` trusts its input, since `sample`'s records always pass, so a file is checked here first: a
+        bad value would otherwise be an opaque KeyError, or (a negative index) a wrong token."""
 
     def example(self, rng: random.Random, difficulty: int | None = None) -> Example:
         """Draw one encoded example; `difficulty=None` samples from the training distribution."""
@@ -174,9 +197,21 @@ class Task(abc.ABC):
         """
         path = self.frozen_eval_path(path)
         keep = set(self.eval_difficulties)
+        examples = []
         with path.open() as f:
-            records = [json.loads(line) for line in f if line.strip()]
-        return _to_dataset([self.encode(r) for r in records if r["difficulty"] in keep])
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    if not isinstance(record, dict):
+                        raise ValueError(f"a record is a JSON object, got {type(record).__name__}")
+                    self.check_record(record)
+                    if record["difficulty"] in keep:
+                        examples.append(self.encode(record))
+                except ValueError as exc:  # json.JSONDecodeError is one
+                    raise ValueError(f"{path}, line {number}: {exc}") from None
+        return _to_dataset(examples)
 
     def answer_spans(self, example: Example) -> list[tuple[int, int]]:
         """The `[start, end)` runs of supervised positions; each run is one answer (rule110: the 4 bits together)."""

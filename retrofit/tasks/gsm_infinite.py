@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 from transformers import PreTrainedTokenizerBase
 
-from .base import IGNORE_INDEX, Example, FrozenEval, Task
+from .base import IGNORE_INDEX, Example, FrozenEval, Task, check_int, record_field
 from .tokenizer import TokenizerLike, build_word_tokenizer, load_tokenizer
 
 # fmt: off
@@ -197,6 +197,14 @@ class GSMInfiniteTask(Task):
             for sentences in batch:
                 yield sentences, sum(lengths[: len(sentences)])
                 lengths = lengths[len(sentences) :]
+
+    def check_record(self, record: dict[str, Any]) -> None:
+        check_int(record_field(record, "difficulty", int), 1, None, "difficulty (operations)")
+        record_field(record, "question", str)
+        context = record_field(record, "context", list)
+        if not all(isinstance(sentence, str) for sentence in context):
+            raise ValueError("context must be a list of sentences (strings)")
+        check_int(record_field(record, "answer", int), 0, MAX_VALUE, "answer")
 
     def encode(self, record: dict[str, Any]) -> Example:
         tok = self._tokenizer

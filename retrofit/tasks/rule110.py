@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from transformers import PreTrainedTokenizerFast
 
-from .base import IGNORE_INDEX, Example, FrozenEval, Task
+from .base import IGNORE_INDEX, Example, FrozenEval, Task, check_int, record_field
 from .tokenizer import build_word_tokenizer
 
 NUM_STATES = 4
@@ -87,6 +87,15 @@ class Rule110Task(Task):
         answer = "".join(str(first_cell_after(s, steps)) for s in states)
         return {"difficulty": steps, "states": states, "answer": answer}
 
+    def check_record(self, record: dict[str, Any]) -> None:
+        check_int(record_field(record, "difficulty", int), 1, MAX_STEPS, "difficulty (steps t)")
+        states = record_field(record, "states", list)
+        if len(states) != NUM_STATES or not all(_is_bits(s, WIDTH) for s in states):
+            raise ValueError(f"states must be {NUM_STATES} strings of {WIDTH} '0'/'1' characters, got {states!r}")
+        answer = record_field(record, "answer", str)
+        if not _is_bits(answer, NUM_STATES):
+            raise ValueError(f"answer must be {NUM_STATES} '0'/'1' characters, got {answer!r}")
+
     def encode(self, record: dict[str, Any]) -> Example:
         vocab = self._vocab
         states = [vocab[ch] for state in record["states"] for ch in state]
@@ -100,3 +109,8 @@ class Rule110Task(Task):
             "attention_mask": [1] * len(input_ids),
             "difficulty": record["difficulty"],
         }
+
+
+def _is_bits(value: Any, length: int) -> bool:
+    """Whether `value` is a string of `length` '0'/'1' characters."""
+    return isinstance(value, str) and len(value) == length and set(value) <= {"0", "1"}
