@@ -67,8 +67,10 @@ def test_set_overrides_are_parsed_as_yaml(tmp_path):
             "task.options.steps_choices=[1, 2, 4]",
             "sleep.loop_range=[0, 2]",
             "eval.path=null",
+            'description="*x"',  # the quoting that the parse error's hint suggests
         ],
     ).recipe
+    assert recipe.description == "*x"
     assert recipe.train.max_steps == 7
     assert recipe.optimizer.muon.lr == pytest.approx(1e-3)
     assert recipe.task.options["steps_choices"] == [1, 2, 4]
@@ -265,6 +267,14 @@ MALFORMED = {
     "frozen set with a node outside the vocabulary, the record named": (
         lambda t: _recipe(t, minimal(task={"name": "depo", "options": {}}, eval={"path": str(_bad_record(t))})),
         "eval.jsonl, line 2: edges[0][1] (a node) must be an integer in [0, 99], got 150",
+    ),
+    "override list with an unquoted star": (
+        lambda t: _recipe(t, minimal(), "stages.0.trainable=[*]"),
+        """cannot parse the value '[*]' as YAML; quote the strings in it, e.g. --set 'stages.0.trainable=["*"]'""",
+    ),
+    "override string starting with a star": (
+        lambda t: _recipe(t, minimal(), "description=*x"),
+        """write it as a quoted YAML string, e.g. --set 'description="*x"'""",
     ),
     "missing section": (
         lambda t: _recipe(t, {k: v for k, v in minimal().items() if k != "train"}),

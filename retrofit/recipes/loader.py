@@ -191,7 +191,12 @@ def _apply_override(data: dict[str, Any], item: str, sources: dict[KeyPath, str]
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
-        raise RecipeError(key, f"cannot parse the value {raw!r} as YAML (quote strings with spaces)", source) from None
+        if raw.lstrip().startswith(("[", "{")):
+            hint = "quote the strings in it, e.g. --set '" + key + '=["*"]\''
+        else:
+            hint = f"write it as a quoted YAML string, e.g. --set '{key}=\"{raw}\"'"
+        problem = f"cannot parse the value {raw!r} as YAML; {hint} (YAML reads * and & as anchors, ': ' as a mapping)"
+        raise RecipeError(key, problem, source) from None
     node: dict[str, Any] | list[Any] = data
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):
