@@ -67,10 +67,10 @@ def test_set_overrides_are_parsed_as_yaml(tmp_path):
             "task.options.steps_choices=[1, 2, 4]",
             "sleep.loop_range=[0, 2]",
             "eval.path=null",
-            'description="*x"',  # the quoting that the parse error's hint suggests
+            'description="*a\\"b"',  # the quoting that the parse error's hint suggests for *a"b
         ],
     ).recipe
-    assert recipe.description == "*x"
+    assert recipe.description == '*a"b'
     assert recipe.train.max_steps == 7
     assert recipe.optimizer.muon.lr == pytest.approx(1e-3)
     assert recipe.task.options["steps_choices"] == [1, 2, 4]
@@ -262,19 +262,19 @@ MALFORMED = {
     ),
     "frozen set with a node outside the vocabulary": (
         lambda t: _recipe(t, minimal(task={"name": "depo", "options": {}}, eval={"path": str(_bad_record(t))})),
-        "eval.path: /",  # the file's path follows
-    ),
-    "frozen set with a node outside the vocabulary, the record named": (
-        lambda t: _recipe(t, minimal(task={"name": "depo", "options": {}}, eval={"path": str(_bad_record(t))})),
         "eval.jsonl, line 2: edges[0][1] (a node) must be an integer in [0, 99], got 150",
     ),
     "override list with an unquoted star": (
         lambda t: _recipe(t, minimal(), "stages.0.trainable=[*]"),
-        """cannot parse the value '[*]' as YAML; quote the strings in it, e.g. --set 'stages.0.trainable=["*"]'""",
+        """cannot parse the value '[*]' as YAML; quote each string in it, inside the shell's quotes: e.g. '["*"]'""",
     ),
     "override string starting with a star": (
         lambda t: _recipe(t, minimal(), "description=*x"),
-        """write it as a quoted YAML string, e.g. --set 'description="*x"'""",
+        """write it as a quoted YAML string: --set 'description="*x"'""",
+    ),
+    "override string with a star and a double quote": (
+        lambda t: _recipe(t, minimal(), 'description=*a"b'),
+        """write it as a quoted YAML string: --set 'description="*a\\"b"'""",
     ),
     "missing section": (
         lambda t: _recipe(t, {k: v for k, v in minimal().items() if k != "train"}),

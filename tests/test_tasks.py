@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 import re
 import warnings
 from pathlib import Path
@@ -362,54 +363,122 @@ def _first_frozen(name):
         return json.loads(f.readline())
 
 
-def _edit(record, change):
+def _with(record, path, value):
+    """A copy of `record` with the item at `path` (keys and indices) set to `value`; `value=None` removes it."""
     record = json.loads(json.dumps(record))
-    change(record)
+    *parents, last = path
+    node = record
+    for key in parents:
+        node = node[key]
+    if value is None:
+        del node[last]
+    else:
+        node[last] = value
     return record
 
 
+def _absent_node(record):
+    """A node id that is not in the Depo record's cycle."""
+    return min(set(range(100)) - {src for src, _ in record["edges"]})
+
+
 BAD_RECORDS = {
-    # name: (task, how the second record is broken, what the error says)
+    # case: (task, where the second record is changed, the new value (None: removed), what the error says)
     "depo node outside the vocabulary": (
         "depo",
-        lambda r: r["edges"][2].__setitem__(0, 150),
+        ("edges", 2, 0),
+        150,
         "edges[2][0] (a node) must be an integer in [0, 99], got 150",
     ),
+    "depo node given as true": ("depo", ("edges", 2, 0), True, "edges[2][0] (a node) must be an integer"),
     "depo negative answer node": (
         "depo",
-        lambda r: r["queries"][0].__setitem__(2, -1),
+        ("queries", 0, 2),
+        -1,
         "queries[0][2] (answer node) must be an integer in [0, 99], got -1",
     ),
-    "depo hop count too large": (
+    "depo hop count too large": ("depo", ("queries", 3, 0), 33, "queries[3][0] (hops) must be an integer in [1, 32]"),
+    "depo difficulty not the largest hop count": (
         "depo",
-        lambda r: r["queries"][3].__setitem__(0, 33),
-        "queries[3][0] (hops) must be an integer in [1, 32], got 33",
+        ("difficulty",),
+        3,
+        "difficulty must be the largest hop count of the queries, got 3",
     ),
     "gsm negative answer (was encoded as 97)": (
         "gsm_infinite",
-        lambda r: r.__setitem__("answer", -3),
+        ("answer",),
+        -3,
         "answer must be an integer in [0, 99], got -3",
     ),
-    "gsm answer as a string": ("gsm_infinite", lambda r: r.__setitem__("answer", "7"), "answer must be int, got '7'"),
+    "gsm answer as a string": ("gsm_infinite", ("answer",), "7", "answer must be an integer in [0, 99], got '7'"),
     "rule110 state with another character": (
         "rule110",
-        lambda r: r["states"].__setitem__(1, "2" * 24),
+        ("states", 1),
+        "2" * 24,
         "states must be 4 strings of 24 '0'/'1' characters",
     ),
-    "rule110 missing answer": ("rule110", lambda r: r.pop("answer"), "no field 'answer'"),
+    "rule110 missing answer": ("rule110", ("answer",), None, "no field 'answer'"),
+    "rule110 wrong answer": ("rule110", ("answer",), "2222", "answer must be the first cells after"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_RECORDS))
 def test_frozen_file_with_a_bad_record_names_file_line_and_field(case, tmp_path):
-    name, change, expected = BAD_RECORDS[case]
+    name, where, value, expected = BAD_RECORDS[case]
     good = _first_frozen(name)
     task = get_task(name, **get_task(name).frozen_eval.options)
-    path = _write_records(tmp_path / "eval.jsonl", [good, _edit(good, change)])
+    path = _write_records(tmp_path / "eval.jsonl", [good, _with(good, where, value)])
     with pytest.raises(ValueError) as raised:
         task.load_frozen_eval(path)
     assert str(raised.value).startswith(f"{path}, line 2: {expected}"), raised.value
     assert len(task.load_frozen_eval(_write_records(tmp_path / "ok.jsonl", [good, good]))) == 2
+
+
+def test_depo_record_with_a_wrong_answer_is_refused(tmp_path):
+    good = _first_frozen("depo")
+    hops, start, answer = good["queries"][0]
+    wrong = _absent_node(good)
+    path = _write_records(tmp_path / "eval.jsonl", [_with(good, ("queries", 0, 2), wrong)])
+    expected = f"line 1: queries[0][2]: the node {hops} edges after {start} is {answer}, not {wrong}"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        get_task("depo").load_frozen_eval(path)
+
+
+def test_depo_query_from_a_node_outside_the_cycle_is_refused(tmp_path):
+    good = _first_frozen("depo")
+    outside = _absent_node(good)
+    path = _write_records(tmp_path / "eval.jsonl", [_with(good, ("queries", 0, 1), outside)])
+    with pytest.raises(ValueError, match=re.escape(f"queries[0]: node {outside} has no outgoing edge")):
+        get_task("depo").load_frozen_eval(path)
+
+
+def test_frozen_file_line_that_is_not_an_object_is_refused(tmp_path):
+    path = _write_records(tmp_path / "eval.jsonl", ["[1, 2]"])
+    with pytest.raises(ValueError, match="line 1: a record is a JSON object, got list"):
+        get_task("depo").load_frozen_eval(path)
+
+
+CHECKED_SETTINGS = [
+    ("depo", {}),
+    ("depo", {"context_windows": 1, "max_nodes": 18}),
+    ("depo", {"max_hops": 32, "num_queries": 18, "min_nodes": 2}),
+    ("rule110", {"steps_choices": [1, 5, 128]}),
+    ("gsm_infinite", SMALL_GSM),
+]
+
+
+@pytest.mark.parametrize(("name", "options"), CHECKED_SETTINGS)
+def test_generated_records_pass_the_record_check(name, options):
+    task = get_task(name, **options)
+    rng = random.Random(0)
+    records = [task.sample(rng) for _ in range(20)] + [task.sample(rng, d) for d in task.eval_difficulties]
+    problems = []
+    for record in records:
+        try:
+            task.check_record(record)
+        except ValueError as exc:
+            problems.append(str(exc))
+    assert problems == []
 
 
 def test_frozen_file_that_is_not_json_names_the_line(tmp_path):

@@ -11,8 +11,10 @@ file (or which `--set`) gave each key, so an error names where to fix it; errors
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
+import shlex
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -192,10 +194,10 @@ def _apply_override(data: dict[str, Any], item: str, sources: dict[KeyPath, str]
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         if raw.lstrip().startswith(("[", "{")):
-            hint = "quote the strings in it, e.g. --set '" + key + '=["*"]\''
+            hint = """quote each string in it, inside the shell's quotes: e.g. '["*"]', '{a: "*b"}'"""
         else:
-            hint = f"write it as a quoted YAML string, e.g. --set '{key}=\"{raw}\"'"
-        problem = f"cannot parse the value {raw!r} as YAML; {hint} (YAML reads * and & as anchors, ': ' as a mapping)"
+            hint = f"write it as a quoted YAML string: --set {shlex.quote(f'{key}={json.dumps(raw)}')}"
+        problem = f"cannot parse the value {raw!r} as YAML; {hint}"
         raise RecipeError(key, problem, source) from None
     node: dict[str, Any] | list[Any] = data
     for i, part in enumerate(parts[:-1]):

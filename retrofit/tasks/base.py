@@ -61,20 +61,29 @@ FEATURES = datasets.Features(
 
 
 def record_field(record: dict[str, Any], key: str, kind: type) -> Any:
-    """`record[key]`, which must be of type `kind`; `ValueError` naming the key otherwise."""
+    """`record[key]`, which must be a `kind` (list, str); `ValueError` naming the key otherwise."""
     if key not in record:
         raise ValueError(f"no field {key!r}")
     value = record[key]
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise ValueError(f"{key} must be {kind.__name__}, got {value!r}")
+    if not isinstance(value, kind):
+        raise ValueError(f"{key} must be a {kind.__name__}, got {value!r}")
     return value
 
 
-def check_int(value: Any, low: int, high: int | None, where: str) -> None:
-    """`ValueError` naming `where` unless `value` is an integer in [low, high] (`high=None`: at least `low`)."""
+def check_int(value: Any, low: int, high: int | None, what: str) -> int:
+    """`value` if it is an integer in [low, high] (`high=None`: at least `low`); `ValueError` naming `what` otherwise
+    (JSON `true` is not an integer here)."""
     if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
         bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{where} must be an integer {bounds}, got {value!r}")
+        raise ValueError(f"{what} must be an integer {bounds}, got {value!r}")
+    return value
+
+
+def int_field(record: dict[str, Any], key: str, low: int, high: int | None, what: str | None = None) -> int:
+    """`record[key]`, an integer in [low, high] (see `check_int`); `ValueError` naming the key otherwise."""
+    if key not in record:
+        raise ValueError(f"no field {key!r}")
+    return check_int(record[key], low, high, what or key)
 
 
 class Task(abc.ABC):
@@ -210,7 +219,7 @@ class Task(abc.ABC):
                     if record["difficulty"] in keep:
                         examples.append(self.encode(record))
                 except ValueError as exc:  # json.JSONDecodeError is one
-                    raise ValueError(f"{path}, line {number}: {exc}") from None
+                    raise ValueError(f"{path}, line {number}: {exc}") from exc
         return _to_dataset(examples)
 
     def answer_spans(self, example: Example) -> list[tuple[int, int]]:

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from transformers import PreTrainedTokenizerFast
 
-from .base import IGNORE_INDEX, Example, FrozenEval, Task, check_int, record_field
+from .base import IGNORE_INDEX, Example, FrozenEval, Task, check_int, int_field, record_field
 from .tokenizer import build_word_tokenizer
 
 WINDOW = 75
@@ -111,22 +111,34 @@ class DepoTask(Task):
         return {"difficulty": max(q[0] for q in queries), "edges": edges, "queries": queries}
 
     def check_record(self, record: dict[str, Any]) -> None:
-        check_int(record_field(record, "difficulty", int), 1, MAX_HOPS, "difficulty (hops k)")
+        difficulty = int_field(record, "difficulty", 1, MAX_HOPS, "difficulty (hops k)")
         last_node = NUM_NODE_TOKENS - 1
+        successor: dict[int, int] = {}
         for i, edge in enumerate(record_field(record, "edges", list)):
             if not isinstance(edge, list) or len(edge) != 2:
                 raise ValueError(f"edges[{i}] must be [src, dst], got {edge!r}")
-            for j, node in enumerate(edge):
-                check_int(node, 0, last_node, f"edges[{i}][{j}] (a node)")
+            src, dst = (check_int(node, 0, last_node, f"edges[{i}][{j}] (a node)") for j, node in enumerate(edge))
+            if src in successor:
+                raise ValueError(f"edges[{i}]: node {src} already has an outgoing edge; a cycle leaves each node once")
+            successor[src] = dst
         queries = record_field(record, "queries", list)
         if not 1 <= len(queries) <= WINDOW // QA_LEN:
             raise ValueError(f"queries must hold 1 to {WINDOW // QA_LEN} [hops, start, answer], got {len(queries)}")
         for i, query in enumerate(queries):
             if not isinstance(query, list) or len(query) != 3:
                 raise ValueError(f"queries[{i}] must be [hops, start, answer], got {query!r}")
-            check_int(query[0], 1, MAX_HOPS, f"queries[{i}][0] (hops)")
-            check_int(query[1], 0, last_node, f"queries[{i}][1] (start node)")
-            check_int(query[2], 0, last_node, f"queries[{i}][2] (answer node)")
+            hops = check_int(query[0], 1, MAX_HOPS, f"queries[{i}][0] (hops)")
+            start = check_int(query[1], 0, last_node, f"queries[{i}][1] (start node)")
+            answer = check_int(query[2], 0, last_node, f"queries[{i}][2] (answer node)")
+            node = start
+            for _ in range(hops):
+                if node not in successor:
+                    raise ValueError(f"queries[{i}]: node {node} has no outgoing edge in edges")
+                node = successor[node]
+            if answer != node:
+                raise ValueError(f"queries[{i}][2]: the node {hops} edges after {start} is {node}, not {answer}")
+        if difficulty != max(query[0] for query in queries):
+            raise ValueError(f"difficulty must be the largest hop count of the queries, got {difficulty}")
 
     def encode(self, record: dict[str, Any]) -> Example:
         vocab = self._vocab

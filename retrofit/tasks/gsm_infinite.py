@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 from transformers import PreTrainedTokenizerBase
 
-from .base import IGNORE_INDEX, Example, FrozenEval, Task, check_int, record_field
+from .base import IGNORE_INDEX, Example, FrozenEval, Task, int_field, record_field
 from .tokenizer import TokenizerLike, build_word_tokenizer, load_tokenizer
 
 # fmt: off
@@ -199,12 +199,12 @@ class GSMInfiniteTask(Task):
                 lengths = lengths[len(sentences) :]
 
     def check_record(self, record: dict[str, Any]) -> None:
-        check_int(record_field(record, "difficulty", int), 1, None, "difficulty (operations)")
+        int_field(record, "difficulty", 1, None, "difficulty (operations)")
         record_field(record, "question", str)
         context = record_field(record, "context", list)
         if not all(isinstance(sentence, str) for sentence in context):
             raise ValueError("context must be a list of sentences (strings)")
-        check_int(record_field(record, "answer", int), 0, MAX_VALUE, "answer")
+        int_field(record, "answer", 0, MAX_VALUE)
 
     def encode(self, record: dict[str, Any]) -> Example:
         tok = self._tokenizer

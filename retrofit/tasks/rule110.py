@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from transformers import PreTrainedTokenizerFast
 
-from .base import IGNORE_INDEX, Example, FrozenEval, Task, check_int, record_field
+from .base import IGNORE_INDEX, Example, FrozenEval, Task, int_field, record_field
 from .tokenizer import build_word_tokenizer
 
 NUM_STATES = 4
@@ -88,13 +88,14 @@ class Rule110Task(Task):
         return {"difficulty": steps, "states": states, "answer": answer}
 
     def check_record(self, record: dict[str, Any]) -> None:
-        check_int(record_field(record, "difficulty", int), 1, MAX_STEPS, "difficulty (steps t)")
+        steps = int_field(record, "difficulty", 1, MAX_STEPS, "difficulty (steps t)")
         states = record_field(record, "states", list)
         if len(states) != NUM_STATES or not all(_is_bits(s, WIDTH) for s in states):
             raise ValueError(f"states must be {NUM_STATES} strings of {WIDTH} '0'/'1' characters, got {states!r}")
         answer = record_field(record, "answer", str)
-        if not _is_bits(answer, NUM_STATES):
-            raise ValueError(f"answer must be {NUM_STATES} '0'/'1' characters, got {answer!r}")
+        expected = "".join(str(first_cell_after(s, steps)) for s in states)
+        if answer != expected:
+            raise ValueError(f"answer must be the first cells after {steps} steps, {expected!r}; got {answer!r}")
 
     def encode(self, record: dict[str, Any]) -> Example:
         vocab = self._vocab
