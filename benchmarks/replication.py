@@ -1,6 +1,7 @@
 """Issue 9: one command per sweep trains N ∈ {1, 2, 4} at once on one GPU, then reports the runs side by side.
 
     source .gpu/setup.sh && python3 -m benchmarks.replication rule110 --root /tmp/replicate/rule110 [--seed S]
+    python -m benchmarks.replication depo --passes 1,4   # only some N; the others can follow with the same seed
     python -m benchmarks.replication depo --dry-run      # CPU: tiny settings through the whole path, in seconds
     python -m benchmarks.replication depo --root /tmp/tune --tune optimizer.muon.lr=2e-3,1e-2 --tune ...  # N=1 grid
 
@@ -79,9 +80,12 @@ class Outcome:
     seconds: float
 
 
-def plan(task: str, root: Path, seed: int, overrides: Sequence[str], *, dry_run: bool) -> list[SweepRun]:
-    """The training command of each N: the N's recipe, its output folder under `root`, the seed, then overrides."""
-    return [_run(task, passes, root / f"n{passes}", seed, overrides, dry_run=dry_run) for passes in PASSES]
+def plan(
+    task: str, root: Path, seed: int, overrides: Sequence[str], *, dry_run: bool, passes: Sequence[int] = PASSES
+) -> list[SweepRun]:
+    """The training command of each N in `passes`: the N's recipe, its output folder under `root`, the seed, then
+    overrides. A subset of N is the same comparison: the data order and the initial weights depend on the seed only."""
+    return [_run(task, n, root / f"n{n}", seed, overrides, dry_run=dry_run) for n in passes]
 
 
 def plan_tuning(
@@ -208,8 +212,20 @@ def _parser() -> argparse.ArgumentParser:
         help="instead of the sweep, N=1 at every combination of these values (the paper tuned its rates on N=1 "
         "only), compared in ROOT/tuning.md; repeatable",
     )  # fmt: skip
+    parser.add_argument(
+        "--passes", type=_passes, default=PASSES, metavar="N1,N2",
+        help="train only these N (default 1,2,4), e.g. one per GPU session; the others can follow with the same seed",
+    )  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="tiny model, 2 steps, on the CPU: checks the path")
     return parser
+
+
+def _passes(text: str) -> tuple[int, ...]:
+    """`--passes 1,4` as (1, 4); only the N that have a recipe."""
+    chosen = tuple(int(n) for n in text.split(",") if n.strip().isdigit())
+    if not chosen or any(n not in PASSES for n in chosen) or len(chosen) != len(text.split(",")):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a comma-separated subset of {','.join(map(str, PASSES))}")
+    return tuple(sorted(set(chosen)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -220,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.tune:
         runs = plan_tuning(args.task, root, args.seed, args.overrides, args.tune, dry_run=args.dry_run)
     else:
-        runs = plan(args.task, root, args.seed, args.overrides, dry_run=args.dry_run)
+        runs = plan(args.task, root, args.seed, args.overrides, dry_run=args.dry_run, passes=args.passes)
     taken = [str(r.run_dir) for r in runs if r.run_dir.exists()]
     if taken:
         print(f"error: {', '.join(taken)} already exist(s); remove them or choose another --root", file=sys.stderr)

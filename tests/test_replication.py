@@ -78,6 +78,17 @@ def test_the_plan_runs_each_n_recipe_into_its_own_folder_with_the_seed_then_the_
     assert "model.config.hidden_size=16" not in replication.plan("depo", tmp_path, 5, [], dry_run=False)[0].command
 
 
+def test_passes_chooses_a_subset_of_n_and_refuses_n_without_a_recipe(tmp_path, capsys):
+    args = replication._parser().parse_args(["depo", "--passes", "4,1"])
+    assert args.passes == (1, 4)
+    runs = replication.plan("depo", tmp_path, 0, [], dry_run=False, passes=args.passes)
+    assert [(r.passes, r.command[4]) for r in runs] == [(n, str(RECIPES / f"depo-n{n}.yaml")) for n in (1, 4)]
+    for bad in ("3", "1,x", ""):
+        with pytest.raises(SystemExit):
+            replication._parser().parse_args(["depo", "--passes", bad])
+        assert "comma-separated subset of 1,2,4" in capsys.readouterr().err
+
+
 def test_the_dry_run_trains_three_runs_at_once_and_reports_them(tmp_path, capsys):
     root = tmp_path / "sweep"
     assert replication.main(["rule110", "--dry-run", "--seed", "3", "--root", str(root)]) == 0
@@ -98,7 +109,7 @@ def test_the_dry_run_trains_three_runs_at_once_and_reports_them(tmp_path, capsys
 
 
 def test_a_failed_run_shows_the_end_of_its_log_and_fails_the_sweep(tmp_path, monkeypatch, capsys):
-    def failing_plan(task, root, seed, overrides, *, dry_run):
+    def failing_plan(task, root, seed, overrides, *, dry_run, passes):
         script = "import sys; print('CUDA out of memory in N=' + sys.argv[1]); sys.exit(int(sys.argv[1]))"
         return [SweepRun(n, root / f"n{n}", root / f"n{n}.log", [sys.executable, "-c", script, str(n)]) for n in (1, 2)]
 
