@@ -24,7 +24,7 @@ from retrofit.recipes.schema import OptimizerSection
 from retrofit.tasks import get_task
 from retrofit.training import trainer
 from retrofit.training.build import build_model
-from retrofit.training.data import micro_batch, micro_batch_indices
+from retrofit.training.data import StepBatches, micro_batch, micro_batch_indices, prefetched
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -223,6 +223,16 @@ def test_batches_depend_only_on_seed_and_step():
     parts = [micro_batch(task, 3, 7, micro_batch_indices(m, r, 2, 2), 0) for m in range(2) for r in range(2)]
     assert torch.equal(torch.cat([p["input_ids"] for p in parts]), whole["input_ids"])
     assert not torch.equal(micro_batch(task, 3, 8, range(8), 0)["input_ids"], whole["input_ids"])
+
+
+def test_prefetched_batches_are_each_process_s_micro_batches_in_training_order():
+    task = get_task("rule110", steps_choices=[1, 2])
+    # Process 1 of 2, resuming at step 5 of 7, two accumulation micro-steps of 2 examples each.
+    got = list(prefetched(StepBatches(task, 3, range(5, 7), 2, 1, 2, 2, 0), pin_memory=False))
+    want = [micro_batch(task, 3, s, micro_batch_indices(m, 1, 2, 2), 0) for s in (5, 6) for m in range(2)]
+    assert len(got) == len(want) == 4
+    for g, w in zip(got, want, strict=True):
+        assert g.keys() == w.keys() and all(torch.equal(g[k], w[k]) for k in w)
 
 
 class _Oracle(torch.nn.Module):

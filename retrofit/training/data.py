@@ -8,10 +8,11 @@ or the number of sleep passes, and a resumed run sees exactly the batches it wou
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
 
 from retrofit.recipes import Recipe, RecipeError
 from retrofit.tasks import IGNORE_INDEX, Example, Task
@@ -31,6 +32,29 @@ def micro_batch_indices(micro_step: int, process: int, num_processes: int, size:
     """Which examples of the global batch one process takes on one accumulation micro-step."""
     start = (micro_step * num_processes + process) * size
     return range(start, start + size)
+
+
+class StepBatches(IterableDataset):
+    """This process's micro-batches of steps `start`..`stop - 1`, in training order: `accum` per step."""
+
+    def __init__(
+        self, task: Task, seed: int, steps: range, accum: int, process: int, num_processes: int, size: int, pad: int
+    ) -> None:
+        self.task, self.seed, self.steps, self.accum = task, seed, steps, accum
+        self.process, self.num_processes, self.size, self.pad = process, num_processes, size, pad
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        for step in self.steps:
+            for micro in range(self.accum):
+                indices = micro_batch_indices(micro, self.process, self.num_processes, self.size)
+                yield micro_batch(self.task, self.seed, step, indices, self.pad)
+
+
+def prefetched(batches: StepBatches, *, pin_memory: bool) -> Iterator[dict[str, Tensor]]:
+    """`batches` made a few steps ahead in a worker process: generating examples is Python work that would
+    otherwise hold up the main process, which a small model's training step is bound by."""
+    loader = DataLoader(batches, batch_size=None, num_workers=1, prefetch_factor=4, pin_memory=pin_memory)
+    return iter(loader)
 
 
 def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, Tensor]:

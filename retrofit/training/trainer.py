@@ -44,7 +44,7 @@ from retrofit.training.checkpoint import (
     saved_step,
     write_atomically,
 )
-from retrofit.training.data import accumulation_steps, micro_batch, micro_batch_indices
+from retrofit.training.data import StepBatches, accumulation_steps, micro_batch, prefetched
 from retrofit.training.distributed import (
     align_sleep_plan,
     configure_distributed,
@@ -160,8 +160,14 @@ def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = 
 
     stage = enter(stage_at(resolved.stages, state.step))
     model.train()
+    steps = range(state.step, train_cfg.max_steps)
+    micro_size = recipe.micro_batch_size(world)
+    batches = prefetched(
+        StepBatches(task, recipe.seed, steps, accum, rank, world, micro_size, pad_id),
+        pin_memory=accelerator.device.type == "cuda",
+    )
     window_start, window_tokens = time.perf_counter(), 0
-    for step in range(state.step, train_cfg.max_steps):
+    for step in steps:
         if stage_at(resolved.stages, step) is not stage:
             stage = enter(stage_at(resolved.stages, step))
 
@@ -169,10 +175,9 @@ def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = 
         loss_sum = torch.zeros((), device=accelerator.device)
         tokens = 0
         for micro in range(accum):
-            indices = micro_batch_indices(micro, rank, world, recipe.micro_batch_size(world))
-            batch = micro_batch(task, recipe.seed, step, indices, pad_id)
+            batch = next(batches)  # made ahead in a worker process, as a pure function of (seed, step, micro)
             tokens += int(batch["attention_mask"].sum())  # on the host copy: no wait for the GPU
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
             batch = align_sleep_plan(accelerator, batch, stage.sleep.window, pad_id)  # ZeRO-3: same calls everywhere
             loss_sum += micro_step(accelerator, model, batch, micro=micro, accum=accum)
 
