@@ -35,10 +35,7 @@ class BatchedMuon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -63,6 +60,14 @@ class BatchedMuon(torch.optim.Muon):
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(param.grad, memory_format=torch.preserve_format)
         return state["momentum_buffer"]
+
+
+def _evaluate(closure: Callable[[], float] | None) -> float | None:
+    """The loss of an optimizer step's `closure`, recomputed with gradients on (the `Optimizer.step` contract)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def _same_shape_batches(params: list[nn.Parameter]) -> list[list[int]]:
@@ -134,10 +139,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for opt in self.inner.values():
             opt.step()
         return loss
