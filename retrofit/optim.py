@@ -21,7 +21,8 @@ from torch import nn
 
 from retrofit.recipes.schema import OptimizerSection
 
-MAX_BATCH_ELEMENTS = 1 << 26  # matrices orthogonalised together: at most this many elements (128 MiB in bf16)
+# Matrices updated together: at most this many elements (a batch's fp32 stack is 256 MiB, its bf16 copies half that).
+MAX_BATCH_ELEMENTS = 1 << 26
 
 
 class BatchedMuon(torch.optim.Muon):
@@ -30,7 +31,9 @@ class BatchedMuon(torch.optim.Muon):
 
     The same update as torch's (momentum, Nesterov, bf16 Newton–Schulz on the wide orientation, decoupled weight
     decay, the shape's LR adjustment) and the same state (`momentum_buffer` per parameter), so checkpoints move
-    between the two. Only the kernels differ: a few per shape instead of about 25 per matrix.
+    between the two. Only the kernels differ: a few per shape instead of about 25 per matrix. Equal to torch's to
+    the last bit for fp32 parameters on CPU; bf16 parameters may differ by a rounding (torch decays them with
+    another kernel). Extra memory: one batch of updates at a time, at most `MAX_BATCH_ELEMENTS` elements.
     """
 
     @torch.no_grad()
@@ -44,13 +47,14 @@ class BatchedMuon(torch.optim.Muon):
             buffers = [self._momentum_buffer(p) for p in params]
             momentum, lr, decay = group["momentum"], float(group["lr"]), group["weight_decay"]
             torch._foreach_lerp_(buffers, grads, 1 - momentum)
-            updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
             if decay:
                 torch._foreach_mul_(params, 1 - lr * decay)
             for indices in _same_shape_batches(params):
                 batch = [params[i] for i in indices]
-                stacked = torch.stack([updates[i] for i in indices])
-                ortho = newton_schulz(stacked, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                update = torch.stack([buffers[i] for i in indices])
+                if group["nesterov"]:
+                    update = torch.stack([grads[i] for i in indices]).lerp_(update, momentum)
+                ortho = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
                 step_size = adjusted_lr(lr, group["adjust_lr_fn"], batch[0].shape)
                 torch._foreach_add_(batch, list(ortho.to(batch[0].dtype).unbind(0)), alpha=-step_size)
         return loss

@@ -48,6 +48,37 @@ def test_batched_muon_matches_torch_muon(nesterov, weight_decay, adjust_lr_fn):
     assert torch.equal(batched[-1], initial[-1]) and not ours.state[batched[-1]]  # no gradient: untouched
 
 
+def test_each_group_s_own_settings_and_schedule_apply():
+    """Two groups with their own lr (one a tensor), weight decay and Nesterov, the lr changed between steps as a
+    scheduler does; a float64 matrix among float32 ones of its shape; a matrix whose gradient is all zeros."""
+
+    def groups(params):
+        return [
+            {"params": params[:4], "lr": 0.02, "weight_decay": 0.1, "nesterov": True},
+            {"params": params[4:], "lr": torch.tensor(0.05), "weight_decay": 0.0, "nesterov": False},
+        ]
+
+    def params():
+        made = _params(0)
+        made[2] = torch.nn.Parameter(made[2].detach().double())
+        return made
+
+    reference, batched = params(), params()
+    optimizers = [torch.optim.Muon(groups(reference)), BatchedMuon(groups(batched))]
+    gen = torch.Generator().manual_seed(1)
+    for step in range(3):
+        grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in reference[:-1]]
+        grads[3].zero_()
+        for optimizer, group_params in zip(optimizers, (reference, batched), strict=True):
+            for p, g in zip(group_params, grads, strict=False):
+                p.grad = g.clone()
+            optimizer.param_groups[0]["lr"] = 0.02 / (step + 1)
+            optimizer.step()
+    for ref, got in zip(reference, batched, strict=True):
+        assert got.dtype == ref.dtype and torch.isfinite(got).all()
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+
+
 def test_batches_split_at_the_element_cap_and_give_the_same_update(monkeypatch):
     params = _params(0)
     assert sorted(map(len, optim._same_shape_batches(params))) == [1, 1, 2, 3]

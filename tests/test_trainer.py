@@ -228,7 +228,9 @@ def test_batches_depend_only_on_seed_and_step():
 def test_prefetched_batches_are_each_process_s_micro_batches_in_training_order():
     task = get_task("rule110", steps_choices=[1, 2])
     # Process 1 of 2, resuming at step 5 of 7, two accumulation micro-steps of 2 examples each.
+    rng_before = torch.get_rng_state()
     got = list(prefetched(StepBatches(task, 3, range(5, 7), 2, 1, 2, 2, 0), pin_memory=False))
+    assert torch.equal(torch.get_rng_state(), rng_before)  # a resumed run's random state is left as it was
     want = [micro_batch(task, 3, s, micro_batch_indices(m, 1, 2, 2), 0) for s in (5, 6) for m in range(2)]
     assert len(got) == len(want) == 4
     for g, w in zip(got, want, strict=True):

@@ -17,6 +17,8 @@ from torch.utils.data import DataLoader, IterableDataset
 from retrofit.recipes import Recipe, RecipeError
 from retrofit.tasks import IGNORE_INDEX, Example, Task
 
+WORKER_TIMEOUT_S = 600  # one micro-batch takes milliseconds to make; a worker this late is stuck
+
 
 def example_rng(task: Task, seed: int, step: int, index: int) -> random.Random:
     """The generator of example `index` of the global batch of optimizer step `step`."""
@@ -51,9 +53,16 @@ class StepBatches(IterableDataset):
 
 
 def prefetched(batches: StepBatches, *, pin_memory: bool) -> Iterator[dict[str, Tensor]]:
-    """`batches` made a few steps ahead in a worker process: generating examples is Python work that would
-    otherwise hold up the main process, which a small model's training step is bound by."""
-    loader = DataLoader(batches, batch_size=None, num_workers=1, prefetch_factor=4, pin_memory=pin_memory)
+    """`batches` made a few micro-batches ahead in a worker process: generating examples is Python work that would
+    otherwise hold up the main process, which a small model's training step is bound by.
+
+    The loader seeds its worker from a generator of its own, not torch's global one, so a resumed run's random
+    state stays the uninterrupted run's. A worker that stops answering is an error after `WORKER_TIMEOUT_S`.
+    """
+    loader = DataLoader(
+        batches, batch_size=None, num_workers=1, prefetch_factor=4, pin_memory=pin_memory,
+        generator=torch.Generator(), timeout=WORKER_TIMEOUT_S,
+    )  # fmt: skip
     return iter(loader)
 
 
