@@ -36,10 +36,10 @@ from retrofit.training.distributed import micro_step
 from retrofit.training.trainer import make_accelerator
 
 BATCH = 128
-WARMUP_STEPS, TIMED_STEPS, ROUNDS = 5, 40, 4
+WARMUP_STEPS, TIMED_STEPS = 5, 40
 
 
-def measure(passes: int, profile: Path | None) -> dict[str, dict]:
+def measure(passes: int, rounds: int, profile: Path | None) -> dict[str, dict]:
     """Median ms per step of each way, for recipes/replicate/depo-n<passes>.yaml; `profile`: a file for the
     profiler's tables of one step of the first way."""
     recipe = load_recipe(f"recipes/replicate/depo-n{passes}.yaml", ["output_dir=/tmp/step-overhead"]).recipe
@@ -78,7 +78,7 @@ def measure(passes: int, profile: Path | None) -> dict[str, dict]:
     if profile is not None:
         write_profile(profile, lambda: train(1, torch_muon, None))
     times: dict[str, list[float]] = {name: [] for name in ways}
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         for name, (optimizer, data) in ways.items():
             train(WARMUP_STEPS, optimizer, data)
             torch.cuda.synchronize()
@@ -96,6 +96,7 @@ def measure(passes: int, profile: Path | None) -> dict[str, dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.step_overhead", description=__doc__.splitlines()[0])
     parser.add_argument("--passes", type=int, nargs="+", default=[1, 4], help="sleep passes N (default 1 4)")
+    parser.add_argument("--rounds", type=int, default=4, help="timed rounds per way (default 4)")
     parser.add_argument("--out", type=Path, help="folder for step-overhead.json (and the profiles)")
     parser.add_argument("--profile", action="store_true", help="also profile one step per N (needs --out)")
     args = parser.parse_args(argv)
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for passes in args.passes:
         profile = args.out / f"step-overhead-profile-n{passes}.txt" if args.profile and args.out else None
-        rows[passes] = measure(passes, profile)
+        rows[passes] = measure(passes, args.rounds, profile)
         for name, row in rows[passes].items():
             print(f"N={passes}  {name:30s} {row['ms_per_step']:7.1f} ms/step  {row['speedup']:.2f}x", flush=True)
     result = {"device": torch.cuda.get_device_name(), "date": date.today().isoformat(), "rows": rows}
