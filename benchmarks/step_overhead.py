@@ -3,9 +3,9 @@
 The Depo replication model (14M parameters, T = 115, batch 128): the profiler finds 16 ms (N=1) and under 43 ms
 (N=4) of device time in a 90-250 ms step; the rest is Python and kernel launches. This times the trainer's step
 (`micro_step`, clip, optimizer step) three ways on the same model, interleaved, and reports the median step time of
-each and its speed-up over the first:
-torch's Muon with the batch made inline (as before), `BatchedMuon` with the batch made inline, and `BatchedMuon`
-with batches from `prefetched` (a worker process), as `retrofit train` runs now.
+each and its speed-up over the first: torch's Muon with the batch made inline (as before), `BatchedMuon` with the
+batch made inline, and `BatchedMuon` with batches from `prefetched` (a worker process), as `retrofit train` runs
+now.
 
     source .gpu/setup.sh && python -m benchmarks.step_overhead --passes 1 4 --out OUT [--profile]   # GPU machine
 

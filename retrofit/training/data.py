@@ -37,7 +37,7 @@ def micro_batch_indices(micro_step: int, process: int, num_processes: int, size:
 
 
 class StepBatches(IterableDataset):
-    """This process's micro-batches of steps `start`..`stop - 1`, in training order: `accum` per step."""
+    """This process's micro-batches of the optimizer steps `steps`, in training order: `accum` per step."""
 
     def __init__(
         self, task: Task, seed: int, steps: range, accum: int, process: int, num_processes: int, size: int, pad: int
