@@ -251,11 +251,11 @@ def decode_latencies(
     for name, config in configs.items():
         apply_sleep(model, config)
         caches[name] = SleepCache()
-        next_ids[name] = model(prompt, past_key_values=caches[name]).logits[:, -1:].argmax(-1)
+        next_ids[name] = model(prompt, cache=caches[name]).logits[:, -1:].argmax(-1)
 
     def token(name: str) -> Callable[[], None]:
         def decode() -> None:
-            next_ids[name] = model(next_ids[name], past_key_values=caches[name]).logits[:, -1:].argmax(-1)
+            next_ids[name] = model(next_ids[name], cache=caches[name]).logits[:, -1:].argmax(-1)
 
         return decode
 

@@ -1,4 +1,5 @@
-"""`retrofit` command line: `train`, `validate`, `eval`, `generate`, `push`, `merge`, `report`, `recipes` and `env`.
+"""`retrofit` command line: `train`, `sweep`, `validate`, `eval`, `generate`, `push`, `merge`, `report`, `recipes`
+and `env`.
 
 Recipe problems exit with code 2 and one line on stderr naming the file, the key and the fix; a training run
 whose loss or gradients stop being finite exits with code 3 and keeps its last good checkpoint.
@@ -11,6 +12,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from packaging.specifiers import SpecifierSet
 
 EXIT_RECIPE_ERROR = 2
 EXIT_DIVERGED = 3
@@ -52,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     from retrofit.hub import add_push_parser
     from retrofit.lora import add_merge_parser
     from retrofit.report import add_report_parser
+    from retrofit.sweep import add_sweep_parser
 
     parser = argparse.ArgumentParser(prog="retrofit", description="Retrofit sleep onto SSM/attention hybrid LMs.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -100,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     add_push_parser(commands)  # retrofit.hub
     add_merge_parser(commands)  # retrofit.lora
     add_report_parser(commands)  # retrofit.report
+    add_sweep_parser(commands)  # retrofit.sweep
 
     recipes = commands.add_parser("recipes", help="list the shipped recipes, which train and validate take by name")
     recipes.set_defaults(run=_recipes)
@@ -217,12 +224,13 @@ def env_report() -> str:
         f"python: {platform.python_version()}",
         f"platform: {platform.platform()}",
     ]
+    tested = tested_ranges()
     for label, dist in ENV_PACKAGES:
         try:
             version = metadata.version(dist)
         except metadata.PackageNotFoundError:
             version = "not installed"
-        lines.append(f"{label}: {version}")
+        lines.append(f"{label}: {version}{range_note(version, tested.get(dist))}")
     if torch.cuda.is_available():
         names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
         lines.append(f"CUDA: {torch.version.cuda} ({torch.cuda.device_count()} GPU(s): {names})")
@@ -230,3 +238,30 @@ def env_report() -> str:
         built = f"torch built with CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only torch build"
         lines.append(f"CUDA: not available ({built})")
     return "\n".join(lines)
+
+
+def tested_ranges() -> dict[str, SpecifierSet]:
+    """The version range of each dependency that CI tests, as this installed distribution declares it."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    try:
+        declared = metadata.requires("sleep-retrofit") or []
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return {}
+    requirements = (Requirement(line) for line in declared)
+    return {canonical(r.name): r.specifier for r in requirements if r.marker is None and r.specifier}
+
+
+def range_note(version: str, tested: SpecifierSet | None) -> str:
+    """A note that `version` lies inside the tested range, or a warning with the fix when it does not."""
+    if tested is None or version == "not installed":
+        return ""
+    if tested.contains(version, prereleases=True):
+        return f" (inside the tested range {tested})"
+    return f" (OUTSIDE the tested range {tested}: install the pinned set, pip install -c constraints.txt -e .)"
+
+
+def canonical(name: str) -> str:
+    return name.lower().replace("_", "-")

@@ -27,9 +27,25 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from retrofit.blocks import BlockState, KVWindow, join_readable
+from retrofit.blocks import BlockState, Chunk, KVWindow, join_readable
 from retrofit.engine import SleepEngine
+
+# The name under which this transformers passes a cache to `forward`, returns it in a model output and keeps it
+# between `generate` steps: `cache` from transformers 5.25 on, `past_key_values` before.
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def cached_output(logits: Tensor, cache: Cache) -> CausalLMOutputWithPast:
+    """A causal-LM output that hands `cache` back to `generate`, under this transformers' name for it."""
+    return CausalLMOutputWithPast(logits=logits, **{CACHE_NAME: cache})
+
+
+def take_cache(cache: Cache | None, kwargs: dict) -> Cache | None:
+    """The cache a `forward` was given: `cache=` (transformers >= 5.25), or `past_key_values=` (the name before)."""
+    legacy = kwargs.pop("past_key_values", None)
+    return cache if cache is not None else legacy
 
 
 @dataclass
@@ -53,8 +69,9 @@ class _ChunkTokens:
 class SleepCache(Cache):
     """The streaming state of a sleeping model, as a transformers `Cache` that `generate` carries between steps.
 
-    `generate` makes one; pass `past_key_values=SleepCache()` to keep it (to `model.sleep(cache)` when idle, or to
-    continue the stream with more tokens). Its per-block lists are sized to the model on the first step.
+    `generate` makes one; pass `cache=SleepCache()` (`past_key_values=` before transformers 5.25) to keep it (to
+    `model.sleep(cache)` when idle, or to continue the stream with more tokens). Its per-block lists are sized to the
+    model on the first step.
 
     Attributes:
         chunk_start_states: each block's fast state at the current chunk's start (what its sleep starts from).
@@ -173,6 +190,69 @@ class SleepCache(Cache):
         return adapter.head(h)
 
 
+class StreamCache(Cache):
+    """The keys, values and fast states of a model without sleep, so that `generate` feeds only the new tokens.
+
+    Nothing is evicted: each attention block keeps every key it can still read (a sliding-window block its window),
+    as a plain transformer's cache does. A model that runs its stack several times per token (Ouro's UT steps) keeps
+    one set per pass, as Ouro's published cache keeps one KV slot per (step, layer).
+
+    Attributes:
+        states: `[pass][block]` fast state after the last token seen.
+        windows: `[pass][block]` keys and values of the tokens seen (attention blocks), or None.
+        seen: tokens seen so far (padding included).
+        num_valid: `[B]` real tokens seen so far per row; RoPE positions count these.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(layers=[])
+        self.states: list[list[BlockState]] = []
+        self.windows: list[list[KVWindow | None]] = []
+        self.seen = 0
+        self.num_valid: Tensor | None = None
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("beam search is not supported: use greedy decoding or sampling")
+
+    def run(
+        self, adapter, input_ids: Tensor, valid: Tensor, passes: int, positions: Tensor | None = None
+    ) -> list[Tensor]:
+        """Run `passes` passes of every block over the new tokens; return h after each pass, each `[B, T, D]`.
+
+        `positions` (RoPE ids of the new tokens) default to counting the real tokens of the stream.
+        """
+        blocks = adapter.blocks
+        if self.num_valid is None:
+            self.states = [[None] * len(blocks) for _ in range(passes)]
+            self.windows = [[None] * len(blocks) for _ in range(passes)]
+            self.num_valid = valid.new_zeros(valid.shape[0], dtype=torch.long)
+        elif len(self.states) != passes:
+            raise ValueError(
+                f"this cache holds {len(self.states)} pass(es) per token, and this call runs {passes}: keep the "
+                "number of passes (ut_steps) fixed while streaming, or start a new cache"
+            )
+        if positions is None:
+            positions = (self.num_valid[:, None] + valid.long().cumsum(-1) - 1).clamp(min=0)
+        chunk = Chunk(self.seen, positions, valid, adapter.rope(positions), None, not bool(valid.all()))
+        h, outputs = adapter.embed(input_ids), []
+        for states, windows in zip(self.states, self.windows, strict=True):
+            for i, block in enumerate(blocks):
+                h, states[i], own = block(h, states[i], windows[i], chunk)
+                if own is not None:
+                    windows[i] = join_readable(windows[i], own, block.kv_window)
+            outputs.append(h)
+        self.seen += input_ids.shape[1]
+        self.num_valid = self.num_valid + valid.long().sum(-1)
+        return outputs
+
+
 # ---------------------------------------------------------------------- command line
 
 
@@ -222,7 +302,7 @@ def run_generate(args: argparse.Namespace) -> int:
     inputs = tokenizer(args.prompt, return_tensors="pt", return_token_type_ids=False).to(device)
     cache = SleepCache()
     with torch.no_grad():
-        output = model.generate(**inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens, do_sample=False)
+        output = model.generate(**inputs, **{CACHE_NAME: cache}, max_new_tokens=args.max_new_tokens, do_sample=False)
         print(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
         if args.sleep_when_idle:
             consolidated = model.sleep(cache)

@@ -3,9 +3,10 @@
 A model family subclasses its `PreTrainedModel` from `SleepCausalLMMixin` and lays its modules out as
 `model.embed_tokens`, `model.layers` (blocks following `retrofit.blocks.SleepBlock`), `model.norm`,
 `model.rotary_emb` and `lm_head`. Without a `sleep_config` the model runs its plain forward; with one
-(set by `retrofit.apply_sleep` or loaded from `config.json`) the forward runs through `SleepEngine`, and with a
-cache (`past_key_values`, or `use_cache=True`) it streams new tokens through `retrofit.generation.SleepCache`, which
-is what `generate` does. `from_pretrained` refuses a checkpoint whose weights do not match its config.
+(set by `retrofit.apply_sleep` or loaded from `config.json`) the forward runs through `SleepEngine`. With a cache
+(`cache=`, or `use_cache=True`) it streams new tokens through `retrofit.generation.SleepCache` (a model without
+sleep through a `StreamCache`, with no eviction), which is what `generate` does. `from_pretrained` refuses a
+checkpoint whose weights do not match its config.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from retrofit.blocks import Chunk
 from retrofit.config import SleepConfig
-from retrofit.engine import IGNORE_INDEX, SleepEngine, next_token_targets, sequence_positions, upcast
-from retrofit.generation import SleepCache
+from retrofit.engine import IGNORE_INDEX, SleepEngine, next_token_targets, upcast
+from retrofit.generation import CACHE_NAME, SleepCache, StreamCache, cached_output, take_cache
 
 
 class DecoderAdapter:
@@ -69,33 +70,67 @@ class SleepCausalLMMixin:
         attention_mask: Tensor | None = None,
         labels: Tensor | None = None,
         return_logits: bool | None = None,
-        past_key_values: SleepCache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Causal-LM forward. `labels` follow the HF convention (-100 ignored, shifted inside).
 
         A sleeping model returns logits when there are no labels or when `return_logits=True`; with labels
-        alone it computes the head at label positions only. With `past_key_values` (or `use_cache=True`) it
-        streams `input_ids` (the new tokens) through the cache and returns their logits and the cache;
-        `attention_mask` then covers the whole stream, as `generate` passes it.
+        alone it computes the head at label positions only. With a `cache` (`past_key_values` before transformers
+        5.25), or `use_cache=True`, it streams `input_ids` (the new tokens) through the cache and returns their logits
+        and the cache; `attention_mask` then covers the whole stream, as `generate` passes it. A sleeping model
+        streams through a `SleepCache`, a model without sleep through a `StreamCache`.
         """
-        if self.sleep_config is not None and (past_key_values is not None or use_cache):
-            if labels is not None:
-                raise ValueError("labels are not supported with a cache: call the model without past_key_values")
-            cache = SleepCache() if past_key_values is None else past_key_values
-            if not isinstance(cache, SleepCache):
-                raise TypeError(f"a sleeping model streams through a SleepCache, not a {type(cache).__name__}")
-            new = input_ids.shape[1]
-            valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-            logits = cache.step(self.sleep_engine(), input_ids, valid[:, -new:])
-            return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
-        if self.sleep_config is not None:
-            want_logits = labels is None if return_logits is None else return_logits
-            out = self.sleep_engine().forward(input_ids, attention_mask, labels, return_logits=want_logits)
-            return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
-        refuse_cache(past_key_values, use_cache)
-        return self.plain_forward(input_ids, attention_mask, labels)
+        cache, valid, positions = self.stream_inputs(input_ids, attention_mask, cache, use_cache, labels, kwargs)
+        if self.sleep_config is None:
+            return self.plain_forward(input_ids, valid, labels, cache=cache, positions=positions)
+        if positions is not None:
+            raise ValueError(
+                "a sleeping model takes its RoPE positions from sleep_config.positions (global or chunk): call it "
+                "without position_ids"
+            )
+        if cache is not None:
+            return cached_output(cache.step(self.sleep_engine(), input_ids, valid), cache)
+        want_logits = labels is None if return_logits is None else return_logits
+        out = self.sleep_engine().forward(input_ids, attention_mask, labels, return_logits=want_logits)
+        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
+
+    def stream_inputs(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        cache: Cache | None,
+        use_cache: bool | None,
+        labels: Tensor | None,
+        kwargs: dict,
+    ) -> tuple[Cache | None, Tensor, Tensor | None]:
+        """What a forward streams: its cache (None for whole sequences), the validity of `input_ids` and the
+        `position_ids` it was given (or None). `attention_mask` covers the whole stream when there is a cache."""
+        cache = self.streaming_cache(take_cache(cache, kwargs), use_cache, labels)
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if cache is not None:
+            valid = valid[:, -input_ids.shape[1] :]
+        positions = kwargs.get("position_ids")
+        if positions is not None and positions.shape != input_ids.shape:
+            positions = positions[..., -input_ids.shape[1] :]
+        return cache, valid, positions
+
+    def streaming_cache(self, cache: Cache | None, use_cache: bool | None, labels: Tensor | None) -> Cache | None:
+        """The cache to stream through (a new one for `use_cache=True`), or None for a forward over whole sequences."""
+        if cache is None and not use_cache:
+            return None
+        if labels is not None:
+            raise ValueError("labels are not supported with a cache: call the model without a cache (use_cache=False)")
+        kind = StreamCache if self.sleep_config is None else SleepCache
+        if cache is None:
+            return kind()
+        if not isinstance(cache, kind):
+            raise TypeError(
+                f"this model streams through a {kind.__name__}, not a {type(cache).__name__}: let generate make the "
+                f"cache, or pass {kind.__name__}()"
+            )
+        return cache
 
     def sleep(self, cache: SleepCache) -> int:
         """Consolidate the current partial window of `cache` now (idle-time sleep); return the tokens consolidated.
@@ -106,20 +141,15 @@ class SleepCausalLMMixin:
             return cache.consolidate(self.sleep_engine())
 
     def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict, *args: Any) -> None:
-        """`generate` hook: a sleeping model streams through a `SleepCache`; a plain model recomputes each step.
-
-        The plain forward keeps no KV, so it must see the whole sequence at every step (`use_cache=False`).
-        """
-        if self.sleep_config is None:
-            generation_config.use_cache = False
-            return
-        cache = model_kwargs.get("past_key_values")
+        """`generate` hook (as transformers' models with their own cache type override it): a sleeping model streams
+        through a `SleepCache`, a model without sleep through a `StreamCache`, kept under this transformers' cache name
+        (`CACHE_NAME`)."""
+        cache = model_kwargs.get(CACHE_NAME)
         if cache is not None:
-            if not isinstance(cache, SleepCache):
-                raise TypeError(f"a sleeping model generates with a SleepCache, not a {type(cache).__name__}")
+            self.streaming_cache(cache, True, None)  # refuses a cache of the wrong kind
             cache._is_user_defined = True
         elif generation_config.use_cache is not False:
-            model_kwargs["past_key_values"] = SleepCache()
+            model_kwargs[CACHE_NAME] = self.streaming_cache(None, True, None)
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
@@ -133,18 +163,22 @@ class SleepCausalLMMixin:
         return (model, info) if wants_info else model
 
     def plain_forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        valid: Tensor | None = None,
+        labels: Tensor | None = None,
+        cache: StreamCache | None = None,
+        positions: Tensor | None = None,
     ) -> CausalLMOutputWithPast:
-        """The model without sleep: every block once over the whole sequence, each attention layer with its own window
-        (full causal, or sliding)."""
-        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        """The model without sleep: every block once, each attention layer with its own window (full causal, or
+        sliding). With a `cache` the tokens continue the stream it holds; `valid` marks the real tokens of `input_ids`
+        (all by default), and `positions` replace the RoPE positions that count them."""
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid.bool()
         adapter = self.get_sleep_adapter()
-        positions = sequence_positions(valid, "global", input_ids.shape[1])
-        chunk = Chunk(0, positions, valid, adapter.rope(positions), None, not bool(valid.all()))
-        h = adapter.embed(input_ids)
-        for block in adapter.blocks:
-            h, _, _ = block(h, None, None, chunk)
+        (h,) = (cache if cache is not None else StreamCache()).run(adapter, input_ids, valid, 1, positions)
         logits = adapter.head(h)
+        if cache is not None:
+            return cached_output(logits, cache)
         loss = None if labels is None else next_token_loss(logits, labels, valid)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
@@ -154,16 +188,6 @@ def next_token_loss(logits: Tensor, labels: Tensor, valid: Tensor) -> Tensor:
     targets = next_token_targets(labels, valid).flatten()
     total = F.cross_entropy(upcast(logits).flatten(0, 1), targets, ignore_index=IGNORE_INDEX, reduction="sum")
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
-
-
-def refuse_cache(past_key_values: Any, use_cache: bool | None) -> None:
-    """A model without sleep keeps no cache (its forward recomputes the whole sequence): a decode loop that passed
-    only the new tokens would get logits without context, so it is told so."""
-    if past_key_values is not None or use_cache:
-        raise ValueError(
-            "this model has no sleep, so it keeps no cache: call it on the whole sequence (use_cache=False), "
-            "or retrofit.apply_sleep(model, SleepConfig(...)) to stream through a SleepCache"
-        )
 
 
 def check_loading_info(info: dict[str, Any], source: Any, *, check_shapes: bool = True) -> None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from packaging.specifiers import SpecifierSet
 
-from retrofit.cli import ENV_PACKAGES, main
+from retrofit.cli import ENV_PACKAGES, main, range_note
 from tests.test_trainer import micro_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,6 +25,17 @@ def test_env_prints_every_version():
     assert lines["torch"].startswith("2.")
     assert lines["triton"] == "not installed"  # never on a CPU machine
     assert "CUDA" in lines
+    pyproject = (REPO / "pyproject.toml").read_text()
+    floor = re.search(r'"transformers>=([0-9.]+),', pyproject).group(1)
+    assert "inside the tested range" in lines["transformers"] and f">={floor}" in lines["transformers"]
+
+
+def test_env_flags_a_version_outside_the_tested_range():
+    tested = SpecifierSet(">=5.17,<6")
+    assert "inside" in range_note("5.17.0", tested) and "inside" in range_note("5.25.0", tested)
+    assert "OUTSIDE the tested range" in range_note("5.16.1", tested)
+    assert "OUTSIDE" in range_note("6.0.0", tested)
+    assert range_note("not installed", tested) == "" and range_note("1.0", None) == ""
 
 
 def test_accelerate_launch_trains_the_main_job_recipe(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from retrofit.ops.dynamic_conv import dynamic_conv
 from retrofit.ops.naive_dynamic_conv import naive_dynamic_conv
@@ -107,3 +108,16 @@ def test_padding_is_skipped_exactly():
         )
         torch.testing.assert_close(y[b, valid[b]], y_ref[0], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(final[b], final_ref[0], rtol=1e-12, atol=1e-12)
+
+
+def test_bf16_silu_follows_the_cast_as_jet_nemotron_orders_it():
+    """The published code sums the taps in float32, casts to bf16, then applies SiLU in bf16; written out here per
+    token and compared exactly, plus a check that SiLU before the cast would differ (so the test can fail)."""
+    x, kernels, state = inputs(2, 12, 64, 4, seed=9, dtype=torch.bfloat16)
+    y, _ = dynamic_conv(x, kernels, initial_state=state, activation="silu")
+    history = torch.cat([state[..., 1:].transpose(1, 2), x], dim=1).float()
+    summed = torch.stack(
+        [(kernels[:, t].float() * history[:, t : t + 4].transpose(1, 2)).sum(-1) for t in range(12)], 1
+    )
+    assert torch.equal(y, F.silu(summed.to(torch.bfloat16)))
+    assert not torch.equal(y, F.silu(summed).to(torch.bfloat16))

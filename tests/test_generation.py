@@ -14,7 +14,7 @@ import retrofit
 from retrofit import SleepConfig, apply_sleep
 from retrofit.blocks import join_windows
 from retrofit.engine import SleepEngine
-from retrofit.generation import SleepCache
+from retrofit.generation import CACHE_NAME, SleepCache, StreamCache
 from tests.helpers import random_batch, stream_wake_logits, tiny_hybrid
 from tests.jet_checkpoint import write_official_checkpoint as write_jet
 from tests.ouro_checkpoint import write_official_checkpoint as write_ouro
@@ -107,7 +107,7 @@ def test_segments_of_any_size_equal_token_by_token_streaming(eviction):
     ids, _ = random_batch(1, 17, 19, seed=5)
     cache = SleepCache()
     with torch.no_grad():
-        parts = [model(ids[:, s:e], past_key_values=cache).logits for s, e in ((0, 6), (6, 7), (7, 8), (8, 17))]
+        parts = [model(ids[:, s:e], cache=cache).logits for s, e in ((0, 6), (6, 7), (7, 8), (8, 17))]
         reference, _ = stream_wake_logits(model.sleep_engine(), ids)
     assert (torch.cat(parts, dim=1) - reference).abs().max() < TOL
     assert cache.get_seq_length() == 17
@@ -122,7 +122,7 @@ def test_kv_memory_stays_bounded_by_the_window(eviction):
     token = torch.tensor([[1]])
     with torch.no_grad():
         for _ in range(10 * window):
-            token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+            token = model(token, cache=cache).logits[:, -1:].argmax(-1)
             lengths = cache.kv_lengths()
             assert len(lengths) == 2  # the two attention blocks
             for retained, chunk in lengths:
@@ -163,28 +163,42 @@ def test_idle_sleep_equals_a_chunk_boundary_at_that_position(eviction):
     ids, _ = random_batch(1, 14, 19, seed=6)
     with torch.no_grad():
         awake, slept = SleepCache(), SleepCache()
-        model(ids[:, :prefix], past_key_values=awake)
-        model(ids[:, :prefix], past_key_values=slept)
+        model(ids[:, :prefix], cache=awake)
+        model(ids[:, :prefix], cache=slept)
         before = [s.recurrent.clone() for s in slept.states if s is not None]
         assert model.sleep(slept) == prefix
         after = [s.recurrent for s in slept.states if s is not None]
         assert any((a - b).abs().max() > 1e-6 for a, b in zip(before, after, strict=True))
-        logits_awake = model(ids[:, prefix:], past_key_values=awake).logits
-        logits_slept = model(ids[:, prefix:], past_key_values=slept).logits
+        logits_awake = model(ids[:, prefix:], cache=awake).logits
+        logits_slept = model(ids[:, prefix:], cache=slept).logits
         assert (logits_awake - logits_slept).abs().max() > 1e-6
         reference = stream_with_boundaries(model.sleep_engine(), ids, list(range(prefix, ids.shape[1], window)))
     assert (logits_slept - reference[:, prefix:]).abs().max() < TOL
     assert model.sleep(SleepCache()) == 0  # nothing to consolidate
 
 
-def test_generate_on_a_model_without_sleep_recomputes_the_plain_forward():
-    """Without a sleep config there is no streaming cache: `generate` reruns the plain forward on the sequence."""
-    model = tiny_hybrid()
-    prompt, _ = random_batch(1, 4, 19, seed=7)
+@pytest.mark.parametrize("family", ["hybrid", "jet_nemotron"])
+def test_a_model_without_sleep_decodes_through_a_kv_cache(families, family):
+    """Without a sleep config `generate` streams through a `StreamCache` (no eviction): uneven segments of a
+    left-padded batch give the uncached forward's logits, and greedy tokens its argmax."""
+    model = families[family](SleepConfig(window=4))
+    model.config.sleep_config = None
+    model.generation_config.eos_token_id = None
+    ids, _ = random_batch(2, 11, 37, seed=7)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    cache = StreamCache()
     with torch.no_grad():
-        out = model.generate(prompt, max_new_tokens=5, do_sample=False)
+        whole = model(ids, attention_mask=mask).logits
+        parts = [model(ids[:, s:e], attention_mask=mask[:, :e], **{CACHE_NAME: cache}).logits for s, e in SEGMENTS]
+        out = model.generate(ids[1:, :4], max_new_tokens=6, do_sample=False)
         reference = model(out).logits
+    assert (torch.cat(parts, dim=1) - whole)[mask.bool()].abs().max() < TOL
+    assert cache.get_seq_length() == 11
     assert torch.equal(reference[:, 3:-1].argmax(-1), out[:, 4:])
+
+
+SEGMENTS = ((0, 4), (4, 5), (5, 11))
 
 
 def test_streaming_refuses_multi_pass_wake():

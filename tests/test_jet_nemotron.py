@@ -197,7 +197,7 @@ def test_sliding_window_layers_keep_only_the_keys_they_can_read(model, eviction)
         cache, logits, held = SleepCache(), [], []
         with torch.no_grad():
             for t in range(ids.shape[1]):
-                logits.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
+                logits.append(model(ids[:, t : t + 1], cache=cache).logits)
                 held.append([sum(lengths) for lengths in cache.kv_lengths()])
             batched = SleepEngine(model.get_sleep_adapter(), sleep).forward(ids, return_logits=True).logits
     finally:
@@ -401,3 +401,21 @@ def test_a_config_override_that_reshapes_weights_is_a_recipe_error(tmp_path, cap
     assert main(argv) == 0
     assert main([*argv, "--set", "model.config_overrides={intermediate_size: 64}"]) == 2
     assert "model.config_overrides: the checkpoint does not fit the changed config" in capsys.readouterr().err
+
+
+def test_bf16_norms_multiply_by_the_weight_in_float32_then_cast(checkpoint):
+    """Jet-Nemotron's published RMSNorm: normalise in float32, multiply by the weight in float32, cast to bf16; every
+    norm of the model (final and per block) follows it, and Qwen2's order (cast, then multiply) would differ."""
+    model = AutoModelForCausalLM.from_pretrained(checkpoint[0], dtype=torch.bfloat16).eval()
+    x = torch.randn(3, 7, model.config.hidden_size, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    eps = model.config.rms_norm_eps
+    norms = [model.model.norm] + [
+        m for layer in model.model.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)
+    ]
+    for norm in norms:
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+            xf = x.float()
+            normed = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+            assert torch.equal(norm(x), (norm.weight.float() * normed).to(torch.bfloat16))
+            assert not torch.equal(norm(x), norm.weight * normed.to(torch.bfloat16))

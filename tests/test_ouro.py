@@ -22,6 +22,7 @@ import retrofit
 from model_patches.ouro import OuroConfig, OuroForCausalLM, evenly_spaced_layers
 from retrofit import SleepConfig, SleepEngine, apply_sleep
 from retrofit.blocks import LinearState
+from retrofit.generation import CACHE_NAME, StreamCache
 from retrofit.recipes import Recipe, RecipeError, load_recipe, resolve
 from tests.helpers import left_padding_runs, minimal_recipe, random_batch, stream_wake_logits, timed_gpu_training_step
 from tests.ouro_checkpoint import LAYER_NORMS, official_shapes, tiny_config, write_official_checkpoint
@@ -133,8 +134,11 @@ def test_published_shapes_and_default_retrofit_on_meta():
 # ---------------------------------------------------------------------------------------------- native forward
 
 
-def reference_steps(state: dict[str, torch.Tensor], config: dict, ids: torch.Tensor) -> list[torch.Tensor]:
-    """The looped stack written out from the spec in float64: per step, every sandwich-norm layer, then the norm."""
+def reference_steps(
+    state: dict[str, torch.Tensor], config: dict, ids: torch.Tensor, positions: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """The looped stack written out from the spec in float64: per step, every sandwich-norm layer, then the norm.
+    `positions` (`[T]`, default 0..T-1) are the RoPE positions."""
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     head_dim, eps = hidden // heads, config["rms_norm_eps"]
     B, T = ids.shape
@@ -143,7 +147,8 @@ def reference_steps(state: dict[str, torch.Tensor], config: dict, ids: torch.Ten
         return weight * x / (x.square().mean(-1, keepdim=True) + eps).sqrt()
 
     inv_freq = 1.0 / config["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq
+    positions = torch.arange(T) if positions is None else positions
+    angles = positions.to(torch.float64)[:, None] * inv_freq
     cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
 
     def rope(x):  # [B, H, T, D], rotate_half convention
@@ -355,8 +360,116 @@ def test_exit_options_name_the_bad_value_and_do_not_apply_while_sleeping(base):
         base(ids, ut_steps=0)
     with pytest.raises(ValueError, match="exit_at_step, exit_threshold and use_weighted_exit do not apply"):
         retrofitted(base)(ids, exit_at_step=0)
-    with pytest.raises(ValueError, match="keeps no cache"):
-        base(ids, use_cache=True)
+    with pytest.raises(ValueError, match="without position_ids"):
+        retrofitted(base)(ids, position_ids=torch.arange(6)[None])
+    with pytest.raises(ValueError, match="labels are not supported with a cache"):
+        base(ids, labels=ids, use_cache=True)
+
+
+def test_position_ids_are_honoured(base, checkpoint):
+    """`position_ids` with a gap give the float64 recomputation at those RoPE positions (and differ from the
+    default positions, so the check can fail)."""
+    written = {name: t.double() for name, t in checkpoint[1].items()}
+    ids, _ = random_batch(1, 8, base.config.vocab_size)
+    positions = torch.tensor([0, 1, 2, 9, 10, 11, 30, 31])
+    expected = reference_steps(written, tiny_config(), ids, positions)[-1] @ written["lm_head.weight"].T
+    with torch.no_grad():
+        moved = base(ids, position_ids=positions[None], exit_at_step=STEPS - 1).logits
+        default = base(ids, exit_at_step=STEPS - 1).logits
+    assert close(moved, expected)
+    assert not close(moved, default, 1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- bf16 exit rule
+
+
+def published_threshold_exit(gate_logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The published inference rule, written from its description: sigmoid, the per-step exit probabilities
+    (`p_t = lambda_t * surviving mass`, the last step the rest) and their cumulative sum, all in the gate's dtype;
+    per token the first step whose cumulative probability reaches `threshold`, else the last.
+    `[S, B, T]` -> `[B, T]`."""
+    steps = gate_logits.shape[0]
+    lam = [torch.sigmoid(gate_logits[t]) for t in range(steps)]
+    remaining = torch.ones_like(lam[0])
+    pdf = []
+    for t in range(steps):
+        if t == steps - 1:
+            pdf.append(remaining)
+        else:
+            pdf.append(lam[t] * remaining)
+            remaining = remaining * (1 - lam[t])
+    cumulative = torch.cumsum(torch.stack(pdf), dim=0)
+    exit_step = torch.full(gate_logits.shape[1:], steps - 1)
+    for t in reversed(range(steps)):
+        exit_step = torch.where(cumulative[t] >= threshold, t, exit_step)
+    return exit_step
+
+
+def test_bf16_threshold_exit_follows_the_published_rule(checkpoint):
+    """bf16, published threshold 1.0: the exit steps are those of the rule computed in bf16, many tokens exit before
+    the last step, and the fp32 rule would pick other steps (what the model did before it matched the published
+    code)."""
+    model = AutoModelForCausalLM.from_pretrained(checkpoint[0], dtype=torch.bfloat16).eval()
+    assert model.config.early_exit_threshold == 1.0
+    with torch.no_grad():
+        model.model.early_exit_gate.bias.fill_(4.0)  # confident gates: the cumulative mass nears 1 early
+    captured = []
+    hook = model.model.early_exit_gate.register_forward_hook(lambda module, args, out: captured.append(args[0]))
+    ids, _ = random_batch(2, 24, model.config.vocab_size, seed=11)
+    with torch.no_grad():
+        logits = model(ids).logits
+        hook.remove()
+        states = captured[0]  # [S, B, T, D]: the normed state after every step
+        gate = (states @ model.model.early_exit_gate.weight.T + model.model.early_exit_gate.bias)[..., 0]
+        exit_step = published_threshold_exit(gate, 1.0)
+        chosen = states.gather(0, exit_step[None, ..., None].expand(1, *states.shape[1:]))[0]
+        expected = chosen @ model.lm_head.weight.T
+        per_step = [model(ids, exit_at_step=s).logits for s in range(STEPS)]
+    assert torch.equal(logits, expected)
+    assert (exit_step < STEPS - 1).float().mean() > 0.5  # most tokens exit early in bf16
+    assert torch.equal(logits[exit_step == 0], per_step[0][exit_step == 0])
+    fp32_step = published_threshold_exit(gate.float(), 1.0)
+    assert (fp32_step != exit_step).any()
+
+
+def test_weighted_exit_comes_after_the_threshold(base):
+    """As published: with a threshold (the config's 1.0), `use_weighted_exit` does not change the readout; without
+    one, it gives the expected logits that a labelled forward returns."""
+    ids, labels = random_batch(1, 9, base.config.vocab_size)
+    model = copy.deepcopy(base)
+    with torch.no_grad():
+        assert torch.equal(model(ids, use_weighted_exit=True).logits, model(ids).logits)
+        model.config.early_exit_threshold = None
+        weighted = model(ids, use_weighted_exit=True).logits
+        assert close(weighted, model(ids, labels=labels).logits)
+        assert not close(weighted, model(ids).logits, 1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- KV cache
+
+
+@pytest.mark.parametrize("trained_mixers", [False, True])
+def test_the_model_without_sleep_decodes_through_a_kv_cache(base, trained_mixers):
+    """Streaming the plain model (each UT step with its own KV and mixer state) in uneven segments, left-padded,
+    gives the uncached forward's logits; greedy `generate` equals the argmax of the uncached forward."""
+    model = retrofitted(base, trained=True) if trained_mixers else copy.deepcopy(base)
+    model.config.sleep_config = None
+    ids, _ = random_batch(2, 13, base.config.vocab_size, seed=8)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    cache = StreamCache()
+    with torch.no_grad():
+        whole = model(ids, attention_mask=mask).logits
+        parts = [
+            model(ids[:, s:e], attention_mask=mask[:, :e], **{CACHE_NAME: cache}).logits
+            for s, e in ((0, 5), (5, 6), (6, 13))
+        ]
+        streamed = torch.cat(parts, dim=1)
+        assert cache.get_seq_length() == 13 and len(cache.windows) == STEPS
+        assert close(streamed[mask.bool()], whole[mask.bool()])
+        model.generation_config.eos_token_id = None
+        out = model.generate(ids[:1, :6], max_new_tokens=7, do_sample=False)
+        assert torch.equal(model(out).logits[:, 5:-1].argmax(-1), out[:, 6:])
 
 
 # ---------------------------------------------------------------------------------------------- recipes

@@ -11,6 +11,8 @@ Sleep loops the middle half of the blocks by default (`[n // 4, n - n // 4)`: `[
 
 from __future__ import annotations
 
+from functools import partial
+
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 
@@ -22,6 +24,9 @@ from retrofit.layers.gated_deltanet import init_delta_rule_parameters
 from retrofit.layers.norm import RMSNorm
 from retrofit.layers.rope import RotaryEmbedding
 from retrofit.modeling import SleepCausalLMMixin
+
+# Jet-Nemotron's published RMSNorm multiplies by its weight in float32, then casts (Qwen2's order casts first).
+JetRMSNorm = partial(RMSNorm, weight_in_float32=True)
 
 
 def _mixer(config: JetNemotronConfig, layer_type: str) -> nn.Module:
@@ -58,8 +63,10 @@ class JetNemotronModel(JetNemotronPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         mixers = (_mixer(config, layer_type) for layer_type in config.layer_types)
-        self.layers = swiglu_decoder_layers(mixers, config.hidden_size, config.intermediate_size, config.rms_norm_eps)
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = swiglu_decoder_layers(
+            mixers, config.hidden_size, config.intermediate_size, config.rms_norm_eps, JetRMSNorm
+        )
+        self.norm = JetRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_parameters["rope_theta"])
         self.post_init()
 

@@ -15,7 +15,13 @@ Native forward (no `sleep_config`), as the published `OuroForCausalLM.forward`: 
     last step takes the remaining mass), and the loss is their cross-entropy: the published model's training
     readout, so its loss is the one the base model was trained on;
   * otherwise, the inference rule: per token, the first step whose cumulative `p` reaches `exit_threshold`
-    (default `config.early_exit_threshold`; the published 1.0 means the last step).
+    (default `config.early_exit_threshold`, 1.0 in the published configs), the last step if none does. The gate,
+    `p` and its cumulative sum are computed in the model's dtype, as published: in bf16 the sum often rounds up to
+    1.0 before the last step, so many tokens exit early. The threshold rule comes before `use_weighted_exit`, which
+    applies only when there is no threshold at all.
+
+With a cache (`generate`) the model without sleep streams: each step keeps its own keys and values, as the
+published cache keeps one slot per (step, layer), so decoding costs one token's work per step.
 
 Sleep retrofit (`prepare_for_sleep`, called by `retrofit.apply_sleep`): MLP-free Jet mixer blocks
 (`DecoderLayer(JetBlock, mlp=None)`, pre-norm residual) follow the layers listed in `config.jet_mixer_layers`
@@ -39,6 +45,7 @@ import torch
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from model_patches.jet_nemotron import JetBlock
@@ -51,14 +58,14 @@ from model_patches.ouro.configuration import (
 )
 from retrofit.blocks import BlockState, Chunk, KVWindow
 from retrofit.config import SleepConfig
-from retrofit.engine import sequence_positions
+from retrofit.generation import StreamCache, cached_output
 from retrofit.layers.attention import Attention
 from retrofit.layers.decoder import DecoderLayer
 from retrofit.layers.gated_deltanet import GatedDeltaNet
 from retrofit.layers.mlp import SwiGLU
 from retrofit.layers.norm import RMSNorm
 from retrofit.layers.rope import RotaryEmbedding
-from retrofit.modeling import DecoderAdapter, SleepCausalLMMixin, next_token_loss, refuse_cache
+from retrofit.modeling import DecoderAdapter, SleepCausalLMMixin, next_token_loss
 
 MIXER_PREFIX = "model.jet_mixers."
 
@@ -115,12 +122,17 @@ def jet_mixer(config: OuroConfig) -> DecoderLayer:
 def exit_distribution(gate_logits: Tensor) -> Tensor:
     """`p_t = lambda_t prod_{j<t} (1 - lambda_j)` over steps, the last step taking the rest.
 
-    `gate_logits` `[S, B, T]` -> probabilities `[S, B, T]` (float32 or wider) that sum to 1 over steps.
+    `gate_logits` `[S, B, T]` -> probabilities `[S, B, T]` in the gate's own dtype: the published code computes the
+    sigmoid, the surviving mass and each `p_t` step by step in the model's dtype, and in bf16 that rounding decides
+    which step a token exits at.
     """
-    lam = torch.sigmoid(gate_logits.to(torch.promote_types(gate_logits.dtype, torch.float32)))
-    survive = torch.cumprod(1 - lam, dim=0)
-    before = torch.cat([torch.ones_like(survive[:1]), survive[:-1]], dim=0)
-    return torch.cat([lam[:-1] * before[:-1], before[-1:]], dim=0)
+    lam = torch.sigmoid(gate_logits)
+    survive = torch.ones_like(lam[0])
+    probabilities = []
+    for step in range(lam.shape[0] - 1):
+        probabilities.append(lam[step] * survive)
+        survive = survive * (1 - lam[step])
+    return torch.stack([*probabilities, survive])
 
 
 class OuroPreTrainedModel(PreTrainedModel):
@@ -232,6 +244,8 @@ class OuroForCausalLM(SleepCausalLMMixin, OuroPreTrainedModel, GenerationMixin):
         attention_mask: Tensor | None = None,
         labels: Tensor | None = None,
         return_logits: bool | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
         *,
         ut_steps: int | None = None,
         exit_at_step: int | None = None,
@@ -239,7 +253,12 @@ class OuroForCausalLM(SleepCausalLMMixin, OuroPreTrainedModel, GenerationMixin):
         use_weighted_exit: bool = False,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """A sleeping model runs the engine (the exit options do not apply); otherwise see `plain_forward`."""
+        """A sleeping model runs the engine (the exit options do not apply); otherwise see `plain_forward`.
+
+        `position_ids` (`[B, T]`, in kwargs) replace the RoPE positions of a model without sleep; a cache
+        (`cache=`, `past_key_values=` before transformers 5.25, or `use_cache=True`) streams the new tokens with one
+        KV set per step, as the published model caches.
+        """
         if self.sleep_config is not None:
             given = {"ut_steps": ut_steps, "exit_at_step": exit_at_step, "exit_threshold": exit_threshold}
             if use_weighted_exit or any(v is not None for v in given.values()):
@@ -247,12 +266,14 @@ class OuroForCausalLM(SleepCausalLMMixin, OuroPreTrainedModel, GenerationMixin):
                     "a sleeping Ouro reads out its last loop pass, so ut_steps, exit_at_step, exit_threshold and "
                     "use_weighted_exit do not apply: set sleep_config.wake_passes for the wake's loop passes"
                 )
-            return super().forward(input_ids, attention_mask, labels, return_logits, **kwargs)
-        refuse_cache(kwargs.get("past_key_values"), kwargs.get("use_cache"))
+            return super().forward(input_ids, attention_mask, labels, return_logits, cache, use_cache, **kwargs)
+        cache, valid, positions = self.stream_inputs(input_ids, attention_mask, cache, use_cache, labels, kwargs)
         return self.plain_forward(
             input_ids,
-            attention_mask,
+            valid,
             labels,
+            cache=cache,
+            positions=positions,
             ut_steps=ut_steps,
             exit_at_step=exit_at_step,
             exit_threshold=exit_threshold,
@@ -262,53 +283,61 @@ class OuroForCausalLM(SleepCausalLMMixin, OuroPreTrainedModel, GenerationMixin):
     def plain_forward(
         self,
         input_ids: Tensor,
-        attention_mask: Tensor | None = None,
+        valid: Tensor | None = None,
         labels: Tensor | None = None,
+        cache: StreamCache | None = None,
+        positions: Tensor | None = None,
         *,
         ut_steps: int | None = None,
         exit_at_step: int | None = None,
         exit_threshold: float | None = None,
         use_weighted_exit: bool = False,
     ) -> CausalLMOutputWithPast:
-        """The model without sleep: `ut_steps` (default `total_ut_steps`) steps of full causal attention over the
-        whole sequence, read out as the published model does (module docstring). `ut_steps=1` is the one-pass
-        model that a sleep with N = 1 and L >= T equals.
+        """The model without sleep: `ut_steps` (default `total_ut_steps`) steps of full causal attention, read out
+        as the published model does (module docstring). `ut_steps=1` is the one-pass model that a sleep with N = 1
+        and L >= T equals. With a `cache` the tokens continue its stream; `valid` marks the real tokens of
+        `input_ids` (all by default), and `positions` replace the RoPE positions.
         """
         steps = self.config.total_ut_steps if ut_steps is None else ut_steps
         if steps < 1:
             raise ValueError(f"ut_steps = {steps}: the stack must run at least once")
         if exit_at_step is not None and not 0 <= exit_at_step < steps:
             raise ValueError(f"exit_at_step = {exit_at_step}: choose a step in [0, {steps}) (0 is the first)")
-        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        adapter = self.get_sleep_adapter()
-        positions = sequence_positions(valid, "global", input_ids.shape[1])
-        chunk = Chunk(0, positions, valid, adapter.rope(positions), None, not bool(valid.all()))
-        h = adapter.embed(input_ids)
-        states = []
-        for _ in range(steps):
-            for block in adapter.blocks:
-                h, _, _ = block(h, None, None, chunk)
-            states.append(h)
-        weighted = use_weighted_exit or labels is not None
-        logits = self.exit_readout(states, exit_at_step, exit_threshold, weighted)
-        loss = None if labels is None else next_token_loss(logits, labels, valid)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid.bool()
+        streamed = cache if cache is not None else StreamCache()
+        states = streamed.run(self.get_sleep_adapter(), input_ids, valid, steps, positions)
+        if labels is not None:  # the published training readout: the expected logits under the exit distribution
+            logits = self.expected_logits(states)
+            return CausalLMOutputWithPast(loss=next_token_loss(logits, labels, valid), logits=logits)
+        logits = self.exit_readout(states, exit_at_step, exit_threshold, use_weighted_exit)
+        return cached_output(logits, cache) if cache is not None else CausalLMOutputWithPast(logits=logits)
 
     def exit_readout(
         self, states: list[Tensor], exit_at_step: int | None, exit_threshold: float | None, weighted: bool
     ) -> Tensor:
-        """Logits from the per-step (normed) states `[B, T, D]`: a fixed step, the expected logits, or the
-        per-token threshold rule (module docstring)."""
+        """Logits from the per-step (normed) states `[B, T, D]`, in the published order of rules: a fixed step;
+        else the per-token threshold rule (the threshold defaults to `config.early_exit_threshold`, so with the
+        published 1.0 it comes before `weighted`); else the expected logits when `weighted`; else the last step.
+        """
         if exit_at_step is not None:
             return self.lm_head(states[exit_at_step])
+        threshold = self.config.early_exit_threshold if exit_threshold is None else exit_threshold
+        if threshold is None:
+            return self.expected_logits(states) if weighted else self.lm_head(states[-1])
         stacked = torch.stack(states)
         p = exit_distribution(self.model.early_exit_gate(stacked).squeeze(-1))
-        logits = self.lm_head(stacked)
-        if weighted:
-            return (p[..., None] * logits).sum(0).to(logits.dtype)
-        threshold = self.config.early_exit_threshold if exit_threshold is None else exit_threshold
-        reached = torch.cumsum(p, dim=0) >= threshold
+        reached = torch.cumsum(p, dim=0) >= threshold  # in the model's dtype, as published
         reached[-1] = True  # fall back to the last step
         chosen = reached.long().argmax(dim=0)  # first step that reaches the threshold, [B, T]
-        index = chosen[None, ..., None].expand(1, *logits.shape[1:])
-        return logits.gather(0, index).squeeze(0)
+        index = chosen[None, ..., None].expand(1, *stacked.shape[1:])
+        return self.lm_head(stacked.gather(0, index).squeeze(0))
+
+    def expected_logits(self, states: list[Tensor]) -> Tensor:
+        """`sum_t p_t lm_head(h_t)` under the exit distribution, accumulated step by step in the logits' dtype."""
+        p = exit_distribution(self.model.early_exit_gate(torch.stack(states)).squeeze(-1))
+        expected = None
+        for step, h in enumerate(states):
+            logits = self.lm_head(h)
+            term = logits * p[step, ..., None].to(logits.dtype)
+            expected = term if expected is None else expected + term
+        return expected

@@ -45,7 +45,8 @@ def dynamic_conv(
             their outputs are meaningless and the final state holds the last W real inputs.
 
     Returns:
-        y [B, T, D] in x's dtype (accumulated in float32, float64 for float64 inputs), and the final state
+        y [B, T, D] in x's dtype (the sum accumulated in float32, float64 for float64 inputs, and cast before the
+        activation), and the final state
         [B, D, W] in x's dtype, or None.
     """
     if activation not in _ACTIVATIONS:
@@ -68,8 +69,8 @@ def dynamic_conv(
     history = torch.cat([state[..., 1:].transpose(1, 2), x], dim=1)  # [B, T + W - 1, D]
     windows = history.unfold(1, W, 1)  # [B, T, D, W] view: windows[:, t, :, w] = history[:, t + w]
     compute = torch.promote_types(x.dtype, torch.float32)
-    y = (kernels.to(compute) * windows.to(compute)).sum(-1)  # one product and one reduction, not W of each
+    y = (kernels.to(compute) * windows.to(compute)).sum(-1).to(x.dtype)  # one product and one reduction, not W
     if activation == "silu":
-        y = F.silu(y)
+        y = F.silu(y)  # after the cast, in x's dtype, as Jet-Nemotron's published code orders it
     final_state = torch.cat([state, x.transpose(1, 2)], dim=-1)[..., -W:] if output_final_state else None
-    return y.to(x.dtype), final_state
+    return y, final_state
