@@ -1,15 +1,16 @@
-"""`retrofit report RUN_DIR... [--out DIR]`: compare finished runs that differ in sleep passes N, side by side.
+"""`retrofit report RUN_DIR... [--out DIR]`: compare any finished runs side by side.
 
-The paper's claims (Fig 2b, Fig 3) compare one task trained with N = 1, 2, 4 on the same data. This reads what
-each run directory holds after `retrofit train` (`recipe.yaml`, `results.json`, the `eval/` step JSONs and the
-TensorBoard `train/tokens_seen` scalars), groups the runs by task, labels each by its N (`sleep.passes`) and
-writes into the output folder:
-- `<task>-accuracy-vs-tokens.png`: exact-match accuracy against training tokens seen, one line per N, one panel
-  per difficulty bucket (plus one for all examples when there are several buckets);
+The paper's claims (Fig 2b, Fig 3) compare one task trained with N = 1, 2, 4 on the same data; a sweep may also vary
+a learning rate or the seed. This reads what each run directory holds after `retrofit train` (`recipe.yaml`,
+`results.json`, the `eval/` step JSONs and the TensorBoard `train/tokens_seen` scalars), groups the runs by task,
+labels each by the recipe values in which the runs of its task differ (`N=2, seed=1`; N is `sleep.passes`, L is
+`sleep.window`), and writes into the output folder:
+- `<task>-accuracy-vs-tokens.png`: exact-match accuracy against training tokens seen, one line per run, one panel
+  per difficulty bucket (plus one for all examples when there are several buckets), with the chance level;
 - `<task>-loss-vs-tokens.png`: the same for the eval loss per answer token, the paper's Depo metric (Fig 3): a Depo
   example is exact only when all of its 10 answers are, which stays at 0 long after the loss starts to fall;
-- `<task>-accuracy-by-difficulty.png`: the final accuracy per bucket, one bar per N;
-- `report.md`: per task, tables of the final accuracy and loss (rows: difficulty buckets, columns: N);
+- `<task>-accuracy-by-difficulty.png`: the final accuracy per bucket, one bar per run;
+- `report.md`: per task, tables of the final accuracy and loss (rows: difficulty buckets, columns: runs);
 - `report.json`: the same numbers and each run's curves, for scripts.
 """
 
@@ -21,7 +22,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +40,11 @@ DIFFICULTY_NAMES = {"rule110": "rollout depth t", "depo": "hops k", "gsm_infinit
 Metric = Literal["accuracy", "loss"]
 METRICS: tuple[Metric, ...] = ("accuracy", "loss")
 METRIC_NAMES = {"accuracy": "exact-match accuracy", "loss": "cross-entropy per answer token"}
+# Chance levels where a task defines one: Rule 110 answers 4 bits (all right: 1/16; a bit's loss: ln 2).
+CHANCE: dict[str, dict[Metric, float]] = {"rule110": {"accuracy": 1 / 16, "loss": math.log(2)}}
+# Recipe keys that never tell runs apart, and the short names of the keys a column header shows.
+UNCOMPARED_KEYS = ("output_dir", "description")
+KEY_NAMES = {"sleep.passes": "N", "sleep.window": "L"}
 
 
 class ReportError(ValueError):
@@ -64,6 +70,8 @@ class Run:
     seed: int
     evaluations: tuple[Evaluation, ...]
     finished: bool = True
+    settings: tuple[tuple[str, str], ...] = ()  # the saved recipe, flattened to (dotted key, value)
+    label: str = ""  # the values that tell this run from the others of its task (set by `group_by_task`)
 
     @property
     def final(self) -> Evaluation:
@@ -94,7 +102,19 @@ def load_run(path: Path, *, unfinished: bool = False) -> Run:
     steps, tokens = tokens_seen_curve(path)
     evaluations = tuple(Evaluation(round(float(np.interp(r.step, steps, tokens))), r) for r in history)
     passes = (recipe.get("sleep") or {}).get("passes", SleepConfig.passes)
-    return Run(path, recipe["task"]["name"], int(passes), int(recipe.get("seed", 0)), evaluations, finished)
+    settings = tuple(flatten(recipe))
+    return Run(path, recipe["task"]["name"], int(passes), int(recipe.get("seed", 0)), evaluations, finished, settings)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """A nested recipe as (dotted key, value as text) pairs."""
+    pairs = []
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            pairs += flatten(value, f"{prefix}{key}.")
+        else:
+            pairs.append((f"{prefix}{key}", json.dumps(value) if isinstance(value, list | dict) else str(value)))
+    return pairs
 
 
 def _read_result(path: Path) -> EvalResult:
@@ -142,17 +162,63 @@ def tokens_seen_curve(path: Path) -> tuple[list[int], list[float]]:
 
 
 def group_by_task(runs: Sequence[Run]) -> dict[str, list[Run]]:
-    """Runs per task, in increasing N; two runs of one task with the same N are an error (which one to plot?)."""
+    """Runs per task, each labelled by the recipe values in which it differs from the others of its task, and
+    ordered by those values (numbers by size)."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        same = [other for other in groups.get(run.task, []) if other.passes == run.passes]
-        if same:
-            raise ReportError(
-                f"{same[0].path} and {run.path} are both {run.task} runs with N={run.passes}; "
-                "report each sweep (one run per N) separately"
-            )
         groups.setdefault(run.task, []).append(run)
-    return {task: sorted(group, key=lambda r: r.passes) for task, group in groups.items()}
+    return {task: label_runs(group) for task, group in groups.items()}
+
+
+def label_runs(runs: Sequence[Run]) -> list[Run]:
+    """`runs` labelled (`N=2, lr=0.001`) and sorted by their differing recipe values; runs whose recipes are the
+    same are told apart by their folder names."""
+    values = [dict(run.settings) for run in runs]
+    keys = sorted({key for v in values for key in v} - set(UNCOMPARED_KEYS), key=_key_order)
+    differing = [key for key in keys if len({v.get(key) for v in values}) > 1]
+    names = short_names(differing)
+    labels = [", ".join(f"{names[k]}={v.get(k, '–')}" for k in differing) for v in values]
+    if len(set(labels)) < len(labels):
+        labels = [
+            f"{label} ({run.path.name})" if label else run.path.name for label, run in zip(labels, runs, strict=True)
+        ]
+    ranked = [
+        (tuple(_sort_key(v.get(k, "")) for k in differing), str(run.path), replace(run, label=label))
+        for run, v, label in zip(runs, values, labels, strict=True)
+    ]
+    return [run for *_, run in sorted(ranked, key=lambda item: item[:2])]
+
+
+def short_names(keys: Sequence[str]) -> dict[str, str]:
+    """What a header calls each key: N and L for the sleep schedule, else the key's last part, or the whole key where
+    two keys share a last part (`optimizer.muon.lr`, `optimizer.adamw.lr`)."""
+    last = [key.rsplit(".", 1)[-1] for key in keys]
+    return {
+        key: KEY_NAMES.get(key, part if last.count(part) == 1 else key) for key, part in zip(keys, last, strict=True)
+    }
+
+
+def _key_order(key: str) -> tuple[int, str]:
+    """N and L first, the seed last, the rest by name."""
+    rank = list(KEY_NAMES).index(key) if key in KEY_NAMES else len(KEY_NAMES) + (key == "seed")
+    return (rank, key)
+
+
+def _sort_key(value: str) -> tuple[int, float, str]:
+    try:
+        return (0, float(value), value)
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def shared_schedule(runs: Sequence[Run]) -> str:
+    """`N=2, L=24` for the sleep values that all `runs` share (the ones that differ are in the labels)."""
+    parts = []
+    for key, name in KEY_NAMES.items():
+        values = {dict(run.settings).get(key) for run in runs}
+        if len(values) == 1 and None not in values:
+            parts.append(f"{name}={values.pop()}")
+    return ", ".join(parts)
 
 
 def difficulty_name(task: str) -> str:
@@ -176,10 +242,11 @@ def overall_value(result: EvalResult, metric: Metric) -> float | None:
 
 
 def markdown_section(task: str, runs: Sequence[Run]) -> str:
-    """One task's part of `report.md`: its runs, then final accuracy and loss (rows: buckets, columns: N)."""
-    lines = [f"## {task}", ""]
+    """One task's part of `report.md`: its runs, then final accuracy and loss (rows: buckets, columns: runs)."""
+    shared = shared_schedule(runs)
+    lines = [f"## {task}" + (f" ({shared})" if shared else ""), ""]
     lines += [
-        f"- N={r.passes}: `{r.path}` (seed {r.seed}, step {r.final.result.step}, {r.final.tokens_seen:,} tokens"
+        f"- {r.label}: `{r.path}` (seed {r.seed}, step {r.final.result.step}, {r.final.tokens_seen:,} tokens"
         + ("" if r.finished else "; unfinished: its last evaluation")
         + ")"
         for r in runs
@@ -191,12 +258,12 @@ def markdown_section(task: str, runs: Sequence[Run]) -> str:
 
 def metric_table(task: str, runs: Sequence[Run], metric: Metric) -> str:
     """Final accuracy or loss as a markdown table: one row per bucket (and all examples, for accuracy), one column
-    per N."""
+    per run."""
     digits = 3 if metric == "accuracy" else 4
     rows = [(str(d), [bucket_value(r.final.result, d, metric) for r in runs]) for d in difficulties(runs)]
     if metric == "accuracy":
         rows.append(("all", [overall_value(r.final.result, metric) for r in runs]))
-    lines = [f"| {difficulty_name(task)} | " + " | ".join(f"N={r.passes}" for r in runs) + " |"]
+    lines = [f"| {difficulty_name(task)} | " + " | ".join(r.label for r in runs) + " |"]
     lines.append("|---:|" + "---:|" * len(runs))
     for label, values in rows:
         lines.append(f"| {label} | " + " | ".join("–" if v is None else f"{v:.{digits}f}" for v in values) + " |")
@@ -218,8 +285,9 @@ def summary(groups: dict[str, list[Run]]) -> dict[str, Any]:
     tasks = {
         task: {
             "difficulty": difficulty_name(task),
+            "chance": CHANCE.get(task, {}),
             "runs": [
-                {"passes": r.passes, "run_dir": str(r.path), "seed": r.seed, "finished": r.finished}
+                {"label": r.label, "passes": r.passes, "run_dir": str(r.path), "seed": r.seed, "finished": r.finished}
                 | evaluation(r.final)
                 | {"curve": [evaluation(e) for e in r.evaluations]}
                 for r in runs
@@ -241,8 +309,8 @@ def curve(run: Run, difficulty: int | None, metric: Metric) -> list[tuple[int, f
 
 
 def plot_curves(task: str, runs: Sequence[Run], metric: Metric, path: Path) -> None:
-    """Accuracy or loss against tokens seen, one line per N; one panel per bucket (plus all examples, for the
-    accuracy of several buckets)."""
+    """Accuracy or loss against tokens seen, one line per run and the chance level; one panel per bucket (plus all
+    examples, for the accuracy of several buckets)."""
     plt = _pyplot()
     panels: list[int | None] = [*difficulties(runs)]
     if metric == "accuracy" and len(panels) > 1:
@@ -254,19 +322,23 @@ def plot_curves(task: str, runs: Sequence[Run], metric: Metric, path: Path) -> N
         for color, run in enumerate(runs):
             points = curve(run, difficulty, metric)
             if points:
-                ax.plot(*zip(*points, strict=True), marker="o", color=f"C{color}", label=f"N={run.passes}")
+                ax.plot(*zip(*points, strict=True), marker="o", color=f"C{color}", label=run.label)
+        chance = CHANCE.get(task, {}).get(metric)
+        if chance is not None:
+            ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label="chance")
         title = "all examples" if difficulty is None else f"{difficulty_name(task)} = {difficulty}"
         ax.set(xlabel="tokens seen", ylabel=METRIC_NAMES[metric], xlim=(0, None), title=title)
         ax.set_ylim(*((0, 1) if metric == "accuracy" else (0, None)))
         ax.legend(fontsize="small")
     for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
-    fig.suptitle(f"{task}: {metric} during training")
+    shared = shared_schedule(runs)
+    fig.suptitle(f"{task}: {metric} during training" + (f" ({shared})" if shared else ""))
     _save(fig, path)
 
 
 def plot_accuracy_by_difficulty(task: str, runs: Sequence[Run], path: Path) -> None:
-    """Final accuracy per difficulty bucket, one bar per N."""
+    """Final accuracy per difficulty bucket, one bar per run, and the chance level."""
     plt = _pyplot()
     buckets = difficulties(runs)
     fig, ax = plt.subplots(figsize=(max(4.5, 0.5 * len(buckets) * len(runs) + 2), 3.6))
@@ -274,9 +346,14 @@ def plot_accuracy_by_difficulty(task: str, runs: Sequence[Run], path: Path) -> N
     for i, run in enumerate(runs):
         bars = [(x, bucket_value(run.final.result, d)) for x, d in enumerate(buckets)]
         bars = [(x - 0.4 + width * (i + 0.5), accuracy) for x, accuracy in bars if accuracy is not None]
-        ax.bar(*zip(*bars, strict=True), width, color=f"C{i}", label=f"N={run.passes}")
+        ax.bar(*zip(*bars, strict=True), width, color=f"C{i}", label=run.label)
+    chance = CHANCE.get(task, {}).get("accuracy")
+    if chance is not None:
+        ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label="chance")
     ax.set_xticks(range(len(buckets)), [str(d) for d in buckets])
-    ax.set(xlabel=difficulty_name(task), ylabel=METRIC_NAMES["accuracy"], ylim=(0, 1), title=f"{task}: final accuracy")
+    shared = shared_schedule(runs)
+    title = f"{task}: final accuracy" + (f" ({shared})" if shared else "")
+    ax.set(xlabel=difficulty_name(task), ylabel=METRIC_NAMES["accuracy"], ylim=(0, 1), title=title)
     ax.legend(fontsize="small")
     _save(fig, path)
 
@@ -327,7 +404,7 @@ def make_report(run_dirs: Sequence[Path], out_dir: Path | None = None, *, unfini
 
 def add_report_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `retrofit report RUN_DIR... [--out DIR]`."""
-    parser = subparsers.add_parser("report", help="compare finished runs by sleep passes N: plots, table, JSON")
+    parser = subparsers.add_parser("report", help="compare finished runs side by side: plots, tables, JSON")
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="output_dir of a finished run")
     parser.add_argument("--out", type=Path, help="folder to write into (default: report/ beside the runs)")
     parser.add_argument(

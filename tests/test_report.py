@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -98,21 +99,28 @@ def test_report_defaults_to_a_folder_beside_the_runs(runs, capsys):
     assert str(out / "report.md") in capsys.readouterr().out
 
 
-def copy_run(run: Path, to: Path, **recipe_changes: dict) -> Path:
-    """A copy of `run` whose saved recipe has some sections updated (e.g. another task name)."""
+def copy_run(run: Path, to: Path, **recipe_changes: Any) -> Path:
+    """A copy of `run` whose saved recipe has some values updated (e.g. another task name, a nested rate)."""
     shutil.copytree(run, to, ignore=shutil.ignore_patterns("model", "checkpoints"))
     recipe = yaml.safe_load((to / "recipe.yaml").read_text())
-    for key, value in recipe_changes.items():
-        recipe[key] |= value
+    recipe["output_dir"] = str(to)
+
+    def update(section: dict, changes: dict) -> None:
+        for key, value in changes.items():
+            if isinstance(value, dict):
+                update(section.setdefault(key, {}), value)
+            else:
+                section[key] = value
+
+    update(recipe, recipe_changes)
     (to / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     return to
 
 
-def test_runs_are_grouped_by_task_and_one_n_per_task(runs, tmp_path, capsys):
+def test_runs_are_grouped_by_task_and_twins_are_told_apart_by_folder(runs, tmp_path, capsys):
     twin = copy_run(runs[1], tmp_path / "twin")
-    assert main(["report", str(runs[1]), str(twin), "--out", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err
-    assert str(runs[1]) in err and str(twin) in err and "N=1" in err
+    assert main(["report", str(runs[1]), str(twin), "--out", str(tmp_path / "twins")]) == 0
+    assert f"| rollout depth t | {runs[1].name} | twin |" in capsys.readouterr().out
 
     other = copy_run(runs[1], tmp_path / "other", task={"name": "depo"})
     assert main(["report", str(runs[1]), str(runs[2]), str(other), "--out", str(tmp_path / "out")]) == 0
@@ -120,6 +128,29 @@ def test_runs_are_grouped_by_task_and_one_n_per_task(runs, tmp_path, capsys):
     assert {task: [r["passes"] for r in s["runs"]] for task, s in summary.items()} == {"rule110": [1, 2], "depo": [1]}
     assert (tmp_path / "out" / "depo-accuracy-by-difficulty.png").is_file()
     assert "## depo" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_runs_that_differ_in_the_learning_rate_only_are_columns_by_lr(runs, tmp_path, capsys):
+    """Two copies of one run whose recipes differ in `optimizer.adamw.lr` only: the columns name the rate, the
+    shared N and L go to the title, and each column holds its own run's results."""
+    slow = copy_run(runs[2], tmp_path / "slow", optimizer={"adamw": {"lr": 0.001}})
+    fast = copy_run(runs[4], tmp_path / "fast", optimizer={"adamw": {"lr": 0.01}}, sleep={"passes": 2})
+    assert main(["report", str(fast), str(slow), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "## rule110 (N=2, L=24)" in out and "| rollout depth t | lr=0.001 | lr=0.01 |" in out
+    accuracy, _ = markdown_tables((tmp_path / "out" / "report.md").read_text())
+    assert accuracy["all"]["lr=0.001"] == f"{own_results(slow)['accuracy']:.3f}"
+    assert accuracy["all"]["lr=0.01"] == f"{own_results(fast)['accuracy']:.3f}"
+
+
+def test_runs_that_differ_in_n_and_seed_are_columns_by_both(runs, tmp_path, capsys):
+    seeded = copy_run(runs[2], tmp_path / "seed1", seed=1)
+    assert main(["report", str(seeded), str(runs[2]), str(runs[1]), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "| rollout depth t | N=1, seed=0 | N=2, seed=0 | N=2, seed=1 |" in out
+    summary = json.loads((tmp_path / "out" / "report.json").read_text())["tasks"]["rule110"]
+    assert [r["label"] for r in summary["runs"]] == ["N=1, seed=0", "N=2, seed=0", "N=2, seed=1"]
+    assert summary["chance"] == {"accuracy": 1 / 16, "loss": pytest.approx(0.6931, abs=1e-4)}
 
 
 @pytest.mark.parametrize("missing", ["recipe.yaml", "results.json", "tensorboard"])
