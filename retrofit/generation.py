@@ -66,7 +66,32 @@ class _ChunkTokens:
         return self.ids.shape[1]
 
 
-class SleepCache(Cache):
+class StreamingCache(Cache):
+    """What the toolkit's caches share: the stream position, for `generate`, and no rollback or beam search."""
+
+    def __init__(self) -> None:
+        super().__init__(layers=[])
+        self.seen = 0
+        self.num_valid: Tensor | None = None
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens seen so far; `generate` slices the new tokens off `input_ids` with it."""
+        return self.seen
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_croppable(self) -> bool:
+        """A sleep cannot be undone, and fast states cannot be rolled back: no cropping."""
+        return False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("beam search is not supported with this cache: use greedy decoding or sampling")
+
+
+class SleepCache(StreamingCache):
     """The streaming state of a sleeping model, as a transformers `Cache` that `generate` carries between steps.
 
     `generate` makes one; pass `cache=SleepCache()` (`past_key_values=` before transformers 5.25) to keep it (to
@@ -85,33 +110,13 @@ class SleepCache(Cache):
     """
 
     def __init__(self) -> None:
-        super().__init__(layers=[])
+        super().__init__()
         self.chunk_start_states: list[BlockState] = []
         self.states: list[BlockState] = []
         self.windows: list[KVWindow | None] = []
         self.chunk_kv: list[KVWindow | None] = []
         self.chunk: _ChunkTokens | None = None
         self.chunk_start = 0
-        self.seen = 0
-        self.num_valid: Tensor | None = None
-
-    # ------------------------------------------------------------------ transformers' Cache interface
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Tokens seen so far; `generate` slices the new tokens off `input_ids` with it."""
-        return self.seen
-
-    @property
-    def is_compileable(self) -> bool:
-        return False
-
-    @property
-    def is_croppable(self) -> bool:
-        """A sleep cannot be undone, so the cache cannot be rolled back."""
-        return False
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("beam search is not supported with sleep: use greedy decoding or sampling")
 
     # ------------------------------------------------------------------ streaming
 
@@ -190,7 +195,7 @@ class SleepCache(Cache):
         return adapter.head(h)
 
 
-class StreamCache(Cache):
+class StreamCache(StreamingCache):
     """The keys, values and fast states of a model without sleep, so that `generate` feeds only the new tokens.
 
     Nothing is evicted: each attention block keeps every key it can still read (a sliding-window block its window),
@@ -205,21 +210,9 @@ class StreamCache(Cache):
     """
 
     def __init__(self) -> None:
-        super().__init__(layers=[])
+        super().__init__()
         self.states: list[list[BlockState]] = []
         self.windows: list[list[KVWindow | None]] = []
-        self.seen = 0
-        self.num_valid: Tensor | None = None
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.seen
-
-    @property
-    def is_compileable(self) -> bool:
-        return False
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("beam search is not supported: use greedy decoding or sampling")
 
     def run(
         self, adapter, input_ids: Tensor, valid: Tensor, passes: int, positions: Tensor | None = None
