@@ -1,11 +1,7 @@
-"""Model families that sleep: one package per architecture.
+"""Model families that sleep: one package per architecture, each registering itself with `retrofit.registry`.
 
-Importing this package (which `import retrofit` does) registers every family with `AutoConfig` and
-`AutoModelForCausalLM`. Registration lives here, not in `retrofit`, so that a family can be imported first.
+This package is the entry point `sleep_retrofit.families` names, so `import retrofit` imports it; a family's
+package can also be imported first.
 """
 
-from model_patches.registry import MODEL_FAMILIES, register_families
-
-__all__ = ["MODEL_FAMILIES", "register_families"]
-
-register_families()
+import model_patches.registry  # noqa: F401  (imports, and so registers, every family)

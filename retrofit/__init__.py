@@ -1,12 +1,13 @@
 """sleep-retrofit: retrofit sleep (arXiv 2605.26099) onto SSM/linear-attention hybrid language models.
 
-`import retrofit` registers every model family with `AutoConfig` and `AutoModelForCausalLM`.
+`import retrofit` registers every model family with `AutoConfig` and `AutoModelForCausalLM` (`retrofit.registry`).
 """
 
-import model_patches  # noqa: F401  (registers every model family with the Auto classes)
 from retrofit.apply import apply_sleep
 from retrofit.config import SleepConfig, SleepConfigError
 from retrofit.engine import EngineOutput, SleepEngine
+from retrofit.registry import load_families
 
 __version__ = "0.1.0"
+load_families()
 __all__ = ["EngineOutput", "SleepConfig", "SleepConfigError", "SleepEngine", "__version__", "apply_sleep"]

@@ -8,6 +8,7 @@ from torch import nn
 
 from retrofit.config import SleepConfig
 from retrofit.engine import SleepEngine
+from retrofit.registry import supported_model_types
 
 
 def transformers_model(model: nn.Module) -> nn.Module:
@@ -40,9 +41,3 @@ def apply_sleep(model: nn.Module, config: SleepConfig | dict[str, Any]) -> nn.Mo
     SleepEngine(base.get_sleep_adapter(), config)  # validates the config against the model
     base.config.sleep_config = config.to_dict()
     return model
-
-
-def supported_model_types() -> list[str]:
-    from model_patches.registry import MODEL_FAMILIES
-
-    return sorted(MODEL_FAMILIES)

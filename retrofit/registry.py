@@ -1,0 +1,35 @@
+"""The one registry of model families: the core looks families up here and never imports one.
+
+A family registers itself when its package is imported (`register_family` in its `__init__`). Packages that hold
+families announce themselves as entry points of the group `sleep_retrofit.families` (this distribution's
+`model_patches`, or a third-party package's), and `load_families` imports them: that is what `import retrofit` does,
+so `AutoModelForCausalLM` knows every family afterwards.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from importlib.metadata import entry_points
+
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
+
+ENTRY_POINT_GROUP = "sleep_retrofit.families"
+MODEL_FAMILIES: dict[str, tuple[type[PreTrainedConfig], type[PreTrainedModel]]] = {}
+
+
+def register_family(model_type: str, config_class: type[PreTrainedConfig], model_class: type[PreTrainedModel]) -> None:
+    """Make `model_type` a sleeping family: known here, and to `AutoConfig` and `AutoModelForCausalLM` (idempotent)."""
+    MODEL_FAMILIES[model_type] = (config_class, model_class)
+    AutoConfig.register(model_type, config_class, exist_ok=True)
+    AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
+
+
+def load_families() -> None:
+    """Import every package that announces families (entry points of `ENTRY_POINT_GROUP`); each registers its own."""
+    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        import_module(entry_point.value)
+
+
+def supported_model_types() -> list[str]:
+    """The model types `apply_sleep` knows, sorted."""
+    return sorted(MODEL_FAMILIES)
