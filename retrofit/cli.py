@@ -126,8 +126,9 @@ def _recipes(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from retrofit.launch import inside_launched_process, launch_train
+    from retrofit.launch import inside_launched_process
     from retrofit.recipes import load_recipe
+    from retrofit.training.launcher import launch_train
     from retrofit.training.trainer import train
 
     loaded = load_recipe(args.recipe, args.overrides)

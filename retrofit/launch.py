@@ -9,9 +9,9 @@ A recipe names how it runs with `launch: MODE` or `launch: {mode: MODE, num_proc
 | `zero2` | `deepspeed_zero2.yaml` | `zero2.json`: optimizer states and gradients sharded |
 | `zero3` | `deepspeed_zero3.yaml` | `zero3.json`: parameters sharded too |
 
-`retrofit train RECIPE` with a mode, run outside a launched process, checks the recipe against the mode
-(`check_launch`), writes the DeepSpeed config with its `"auto"` values filled from the recipe to
-`OUTPUT_DIR/deepspeed_config.json`, prints the `accelerate launch` command and runs it. Every process it starts runs
+`retrofit train RECIPE` with a mode, run outside a launched process (`retrofit.training.launcher`), checks the
+recipe against the mode (`check_launch`), writes the DeepSpeed config with its `"auto"` values filled from the recipe
+to `OUTPUT_DIR/deepspeed_config.json`, prints the `accelerate launch` command and runs it. Every process it starts runs
 `retrofit train RECIPE` again; those see accelerate's environment (`inside_launched_process`) and train.
 
 Why retrofit fills `"auto"` itself: accelerate derives the micro-batch from a dataloader passed to `prepare`, and the
@@ -36,18 +36,15 @@ What a mode refuses (`check_launch`, each an error naming the recipe key):
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import shlex
-import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
 
-from retrofit.recipes import LoadedRecipe, Recipe, RecipeError
+from retrofit.recipes import Recipe, RecipeError
 from retrofit.recipes.schema import LaunchMode
 from retrofit.shipped import shipped_dir
 from retrofit.training.data import accumulation_steps
@@ -249,48 +246,3 @@ def launch_command(plan: LaunchPlan, program: Sequence[str]) -> list[str]:
     if plan.deepspeed_path is not None:
         command += ["--deepspeed_config_file", str(plan.deepspeed_path)]
     return [*command, "--num_processes", str(plan.num_processes), *program]
-
-
-def train_program(recipe_path: Path, overrides: Sequence[str], resume: str | None, overwrite: bool) -> list[str]:
-    """The `-m retrofit train ...` part of the command: the same recipe, overrides and resume flags."""
-    program = ["-m", "retrofit", "train", str(recipe_path)]
-    for item in overrides:
-        program += ["--set", item]
-    if resume is not None:
-        program += ["--resume", resume]
-    return [*program, "--overwrite"] if overwrite else program
-
-
-def launch_train(
-    loaded: LoadedRecipe,
-    overrides: Sequence[str],
-    *,
-    resume: str | None = None,
-    overwrite: bool = False,
-    print_only: bool = False,
-) -> int:
-    """Write the DeepSpeed config, print the `accelerate launch` command and (unless `print_only`) run it.
-
-    Returns the command's exit code (0 when only printing). Checks the recipe and the resume point first, so a
-    mistake is reported once here rather than by every process.
-    """
-    import torch
-
-    from retrofit.recipes import resolve
-    from retrofit.training.checkpoint import resume_point  # imports this module: import it when called
-
-    recipe = loaded.recipe
-    resolve(recipe)  # task, sleep, stages and model config: refused here once, not by every process
-    plan = plan_launch(recipe, torch.cuda.device_count())
-    resume_point(resume, Path(recipe.output_dir), overwrite=overwrite)
-    command = launch_command(plan, train_program(loaded.path, overrides, resume, overwrite))
-    write_deepspeed_config(plan)
-    print(shlex.join(command), flush=True)
-    if print_only:
-        return 0
-    if plan.deepspeed_path is not None and importlib.util.find_spec("deepspeed") is None:
-        raise RecipeError(
-            "launch",
-            f"{plan.mode} needs DeepSpeed, which is not installed here: pip install deepspeed, or use multi_gpu",
-        )
-    return subprocess.run(command, check=False).returncode
