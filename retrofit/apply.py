@@ -8,7 +8,8 @@ from torch import nn
 
 from retrofit.config import SleepConfig
 from retrofit.engine import SleepEngine
-from retrofit.registry import supported_model_types
+from retrofit.native import make_sleeping
+from retrofit.registry import NATIVE_FAMILIES, supported_model_types
 
 
 def transformers_model(model: nn.Module) -> nn.Module:
@@ -28,6 +29,9 @@ def apply_sleep(model: nn.Module, config: SleepConfig | dict[str, Any]) -> nn.Mo
     if isinstance(config, dict):
         config = SleepConfig.from_dict(config)
     base = transformers_model(model)
+    family = NATIVE_FAMILIES.get(getattr(getattr(base, "config", None), "model_type", None))
+    if family is not None:
+        make_sleeping(base, family)
     if not hasattr(base, "get_sleep_adapter"):
         model_type = getattr(getattr(base, "config", None), "model_type", type(base).__name__)
         raise TypeError(

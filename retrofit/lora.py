@@ -59,7 +59,8 @@ def _matches(name: str, target: str) -> bool:
 def resolve_targets(model: nn.Module, targets: list[str] | None, modules_to_save: list[str]) -> list[str]:
     """Full names of the modules that get a LoRA adapter, refusing targets the model's ops would bypass.
 
-    A target is a module name or name suffix (PEFT's rule). Each given target must match at least one module
+    A target is a module name or name suffix (PEFT's rule); without `targets`, the model's `default_lora_targets`
+    (a native family's projections) or `DEFAULT_TARGETS`. Each given target must match at least one module
     outside `modules_to_save` (the defaults, used when `targets` is unset, need not all match), and every matched
     module must be an `nn.Linear`, which the blocks call as a module; anything else (a conv whose weight an op reads
     raw, a parameter) is refused.
@@ -68,7 +69,7 @@ def resolve_targets(model: nn.Module, targets: list[str] | None, modules_to_save
     parameters = dict(model.named_parameters())
     saved = tuple(modules_to_save)
     chosen: list[str] = []
-    for target in targets or DEFAULT_TARGETS:
+    for target in targets or getattr(model, "default_lora_targets", DEFAULT_TARGETS):
         if any(_matches(p, target) for p in parameters) and not any(_matches(n, target) for n in names):
             raise LoraTargetError(
                 f"LoRA target {target!r} is a parameter, not a module: our ops read it directly, so an adapter "

@@ -1,6 +1,7 @@
 """The one registry of model families: the core looks families up here and never imports one.
 
-A family registers itself when its package is imported (`register_family` in its `__init__`). Packages that hold
+A family registers itself when its package is imported: `register_family` for the families this toolkit implements,
+`register_native` for those transformers implements (`retrofit.native`). Packages that hold
 families announce themselves as entry points of the group `sleep_retrofit.families` (this distribution's
 `model_patches`, or a third-party package's), and `load_families` imports them: that is what `import retrofit` does,
 so `AutoModelForCausalLM` knows every family afterwards.
@@ -13,8 +14,11 @@ from importlib.metadata import entry_points
 
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 
+from retrofit.native import NativeFamily, sleeping_class
+
 ENTRY_POINT_GROUP = "sleep_retrofit.families"
 MODEL_FAMILIES: dict[str, tuple[type[PreTrainedConfig], type[PreTrainedModel]]] = {}
+NATIVE_FAMILIES: dict[str, NativeFamily] = {}
 
 
 def register_family(model_type: str, config_class: type[PreTrainedConfig], model_class: type[PreTrainedModel]) -> None:
@@ -22,6 +26,16 @@ def register_family(model_type: str, config_class: type[PreTrainedConfig], model
     MODEL_FAMILIES[model_type] = (config_class, model_class)
     AutoConfig.register(model_type, config_class, exist_ok=True)
     AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
+
+
+def register_native(
+    model_type: str, config_class: type[PreTrainedConfig], model_class: type[PreTrainedModel], family: NativeFamily
+) -> None:
+    """Make a model type that transformers implements sleep: `apply_sleep` patches its loaded instances, and
+    `AutoModelForCausalLM` builds the same class with the sleep hooks (which runs transformers' own forward until a
+    `sleep_config` is set), so that `from_pretrained` restores a saved sleeping model."""
+    NATIVE_FAMILIES[model_type] = family
+    AutoModelForCausalLM.register(config_class, sleeping_class(model_class, family), exist_ok=True)
 
 
 def load_families() -> None:
@@ -32,4 +46,4 @@ def load_families() -> None:
 
 def supported_model_types() -> list[str]:
     """The model types `apply_sleep` knows, sorted."""
-    return sorted(MODEL_FAMILIES)
+    return sorted([*MODEL_FAMILIES, *NATIVE_FAMILIES])

@@ -73,28 +73,41 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = chunk.rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        own = KVWindow(k, v, chunk.valid, chunk.start, chunk.padded)
-        keys = own if kv is None else kv.extend(own)
-        window = _min_window(self.window, chunk.window)
-        plain_causal = kv is None and not chunk.padded and (window is None or window >= length)
-        # Decoding: one query, the newest token, that may see every key (no padding, all within the window).
-        sees_all = length == 1 and not keys.padded and (window is None or window >= keys.length)
-        keys_, values = keys.keys, keys.values
-        grouped = self.num_heads != self.num_kv_heads
-        mask = None
-        if not (plain_causal or sees_all):
-            mask = attention_mask(keys, chunk, window)
-            if grouped and length > 1:
-                # SDPA's memory-efficient kernel takes a mask but not `enable_gqa`; with both, torch falls back
-                # to the math kernel, which materialises [B, H, C, R] scores (slow, and 24 GiB at C = R = 32K).
-                # Repeating the KV heads keeps masked attention (sliding windows, retained KV) on a fused kernel.
-                # A single query (decoding) stays grouped: its scores are [B, H, 1, R], and a copy of the whole
-                # KV window per token would cost more than it saves.
-                repeats = self.num_heads // self.num_kv_heads
-                keys_, values = keys_.repeat_interleave(repeats, 1), values.repeat_interleave(repeats, 1)
-                grouped = False
-        with sdpa_kernel(DECODE_BACKENDS) if length == 1 else contextlib.nullcontext():
-            out = F.scaled_dot_product_attention(
-                q, keys_, values, attn_mask=mask, is_causal=plain_causal, enable_gqa=grouped
-            )
+        out, own = attend(q, k, v, kv, chunk, self.window)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1)), None, own
+
+
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, kv: KVWindow | None, chunk: Chunk, window: int | None
+) -> tuple[Tensor, KVWindow]:
+    """Softmax attention of a chunk's queries `[B, H, C, D]` over the retained window `kv` plus the chunk's own keys
+    and values `[B, H_kv, C, D]` (RoPE applied): causal, within `window` (and the eviction's), never onto padding.
+
+    Returns the output `[B, H, C, D]` and the chunk's own keys and values, for the engine to retain or drop.
+    """
+    length, num_heads, num_kv_heads = q.shape[2], q.shape[1], k.shape[1]
+    own = KVWindow(k, v, chunk.valid, chunk.start, chunk.padded)
+    keys = own if kv is None else kv.extend(own)
+    window = _min_window(window, chunk.window)
+    plain_causal = kv is None and not chunk.padded and (window is None or window >= length)
+    # Decoding: one query, the newest token, that may see every key (no padding, all within the window).
+    sees_all = length == 1 and not keys.padded and (window is None or window >= keys.length)
+    keys_, values = keys.keys, keys.values
+    grouped = num_heads != num_kv_heads
+    mask = None
+    if not (plain_causal or sees_all):
+        mask = attention_mask(keys, chunk, window)
+        if grouped and length > 1:
+            # SDPA's memory-efficient kernel takes a mask but not `enable_gqa`; with both, torch falls back
+            # to the math kernel, which materialises [B, H, C, R] scores (slow, and 24 GiB at C = R = 32K).
+            # Repeating the KV heads keeps masked attention (sliding windows, retained KV) on a fused kernel.
+            # A single query (decoding) stays grouped: its scores are [B, H, 1, R], and a copy of the whole
+            # KV window per token would cost more than it saves.
+            repeats = num_heads // num_kv_heads
+            keys_, values = keys_.repeat_interleave(repeats, 1), values.repeat_interleave(repeats, 1)
+            grouped = False
+    with sdpa_kernel(DECODE_BACKENDS) if length == 1 else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(
+            q, keys_, values, attn_mask=mask, is_causal=plain_causal, enable_gqa=grouped
+        )
+    return out, own

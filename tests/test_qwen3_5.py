@@ -1,0 +1,213 @@
+"""Qwen3.5 (dense and MoE), as transformers implements it, patched to sleep: held to transformers' own forward,
+`generate` and checkpoints, and to the engine's contract (streaming, padding, gradients through the state).
+
+Models are tiny and random, built from transformers' own config classes: dense in float64, MoE in float32 (its
+grouped expert matmul takes no float64). transformers' torch path of the gated delta rule computes in float32, so
+comparisons with its forward allow float32 rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen3_5MoeTextConfig, Qwen3_5TextConfig
+
+import retrofit
+from retrofit import SleepConfig, SleepEngine, apply_sleep
+from retrofit.lora import apply_lora
+from tests.helpers import left_padding_runs, random_batch, stream_wake_logits
+
+VOCAB = 61
+SHARED = {
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "num_hidden_layers": 8,  # two periods of three Gated DeltaNet layers and one attention layer
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,  # each q/k head serves two value heads, as in the published models
+    "linear_key_head_dim": 8,
+    "linear_value_head_dim": 8,
+    "linear_conv_kernel_dim": 4,
+    "tie_word_embeddings": False,
+}
+CONFIGS = {
+    "qwen3_5_text": lambda: Qwen3_5TextConfig(intermediate_size=48, **SHARED),
+    "qwen3_5_moe_text": lambda: Qwen3_5MoeTextConfig(
+        moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=4, num_experts_per_tok=2, **SHARED
+    ),
+}
+DTYPES = {"qwen3_5_text": torch.float64, "qwen3_5_moe_text": torch.float32}
+TOLERANCES = {torch.float64: (1e-6, 1e-9), torch.float32: (1e-4, 2e-5)}  # (against transformers, engine's own)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def native(request) -> torch.nn.Module:
+    """transformers' own model (not patched), random init with the gates and norms drawn away from their defaults."""
+    assert retrofit.__version__
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[request.param](), dtype=DTYPES[request.param]).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(("norm.weight", "layernorm.weight", "dt_bias")):
+                parameter.normal_(0.0, 0.3)
+    assert model.config.model_type == request.param
+    return model
+
+
+def tolerances(model: torch.nn.Module) -> tuple[float, float]:
+    return TOLERANCES[model.dtype]
+
+
+def sleeping(native: torch.nn.Module, **config) -> torch.nn.Module:
+    return apply_sleep(copy.deepcopy(native), SleepConfig(**config))
+
+
+def plain_logits(native: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    with torch.no_grad():
+        return native(ids, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("left_pad", [0, 5])
+def test_one_pass_with_window_over_sequence_equals_transformers_forward(native, left_pad):
+    ids, labels = random_batch(2, 20, VOCAB, seed=2)
+    mask = torch.ones_like(ids)
+    mask[1, :left_pad] = 0
+    labels = labels.masked_fill(mask == 0, -100)
+    labels[1, left_pad] = -100  # transformers would predict it from a padding position; the engine has no such pair
+    model = sleeping(native, window=32, passes=1)
+    with torch.no_grad():
+        reference = native(ids, attention_mask=mask, labels=labels)
+        out = model(ids, attention_mask=mask, labels=labels, return_logits=True)
+    real, (tol, _) = mask.bool(), tolerances(native)
+    assert (out.logits - reference.logits)[real].abs().max() < tol
+    assert abs(out.loss.item() - reference.loss.item()) < tol
+    assert (reference.logits[0] - reference.logits[1]).abs().max() > 1e-2  # rows differ: a mix-up would show
+
+
+def test_patching_keeps_every_weight_name_and_value_and_is_idempotent(native):
+    before = {k: v.clone() for k, v in native.state_dict().items()}
+    model = sleeping(native, window=8, passes=2)
+    assert type(model).__name__ == type(native).__name__
+    assert set(model.state_dict()) == set(before)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert apply_sleep(model, SleepConfig(window=8, passes=2)) is model and type(model) is type(
+        apply_sleep(model, {"window": 8})
+    )
+    assert model.default_loop_range() == (0, 8)  # 8 layers: two whole periods around the middle half
+    ids, _ = random_batch(1, 9, VOCAB)
+    assert torch.equal(plain_logits(native, ids), plain_logits(copy.deepcopy(native), ids))  # the original is untouched
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+def test_wake_logits_equal_token_by_token_streaming(native, eviction):
+    model = sleeping(native, window=4, passes=3, eviction=eviction, loop_range=(4, 8))
+    ids, _ = random_batch(1, 13, VOCAB, seed=4)
+    with torch.no_grad():
+        engine = model.sleep_engine()
+        wake = engine.forward(ids, return_logits=True).logits
+        reference, _ = stream_wake_logits(engine, ids)
+    assert (wake - reference).abs().max() < tolerances(native)[1]
+    assert (wake - plain_logits(native, ids)).abs().max() > 1e-3  # sleep changed something after the first window
+
+
+def test_left_padding_by_whole_windows_is_invisible(native):
+    reference, padded = left_padding_runs(sleeping(native, window=4, passes=2).sleep_engine(), VOCAB)
+    assert abs(reference.loss.item() - padded.loss.item()) < tolerances(native)[1]
+
+
+def test_a_loss_on_the_last_window_reaches_the_first_windows_embeddings_unless_truncated(native):
+    ids, labels = random_batch(1, 12, VOCAB - 4, seed=6)
+    ids, labels = ids + 4, labels + 4
+    ids[0, :4] = torch.tensor([0, 1, 2, 3])  # ids that appear in the first window only
+    labels[:, :8] = -100  # only the last window is supervised
+    first = [0, 1, 2, 3]
+    for truncate, reaches in ((None, True), (1, False)):
+        model = sleeping(native, window=4, passes=2, truncate_chunks=truncate, eviction="hard")
+        model.model.embed_tokens.weight.grad = None
+        model(ids, labels=labels).loss.backward()
+        grad = model.model.embed_tokens.weight.grad[first].abs().sum()
+        assert (grad > 0) == reaches, (truncate, grad)
+
+
+def test_greedy_generate_with_sleep_equals_the_engine_wake_argmax(native):
+    model = sleeping(native, window=4, passes=3, loop_range=(4, 8))
+    model.generation_config.eos_token_id = None
+    prompt, _ = random_batch(1, 6, VOCAB, seed=3)
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=8, do_sample=False)
+        reference = model.sleep_engine().forward(out, return_logits=True).logits
+    assert torch.equal(reference[:, 5:-1].argmax(-1), out[:, 6:])
+
+
+def test_with_the_window_over_the_sequence_generate_equals_transformers_generate(native):
+    model = sleeping(native, window=64, passes=1)
+    for m in (model, native):
+        m.generation_config.eos_token_id = None
+    prompt, _ = random_batch(2, 7, VOCAB, seed=9)
+    with torch.no_grad():
+        ours = model.generate(prompt, max_new_tokens=8, do_sample=False)
+        theirs = native.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert torch.equal(ours, theirs)
+
+
+def test_lora_reaches_every_projection_and_each_gets_a_gradient(native):
+    model = apply_lora(sleeping(native, window=4, passes=2))
+    adapted = {name.split(".lora_A")[0] for name, _ in model.named_parameters() if ".lora_A" in name}
+    suffixes = {name.rsplit(".", 1)[-1] for name in adapted}
+    assert {"in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj", "q_proj", "k_proj", "v_proj"} <= suffixes
+    assert {"o_proj", "gate_proj", "up_proj", "down_proj"} <= suffixes
+    ids, labels = random_batch(2, 12, VOCAB, seed=5)
+    model(input_ids=ids, labels=labels).loss.backward()
+    for name, parameter in model.named_parameters():
+        if ".lora_B" in name and ".experts." not in name:  # an expert no token was routed to gets none
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+SUBPROCESS_LOAD = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[4])).eval()
+assert "retrofit" not in sys.modules and "model_patches" not in sys.modules
+ids = torch.load(sys.argv[2])
+with torch.no_grad():
+    torch.save(model(ids).logits, sys.argv[3])
+"""
+
+
+def test_a_saved_sleeping_model_loads_in_plain_transformers_and_back_in_the_toolkit(native, tmp_path):
+    model = sleeping(native, window=4, passes=2, loop_range=(4, 8))
+    model.save_pretrained(tmp_path / "saved")
+    ids, _ = random_batch(1, 10, VOCAB, seed=8)
+    torch.save(ids, tmp_path / "ids.pt")
+    command = [sys.executable, "-c", SUBPROCESS_LOAD, str(tmp_path / "saved"), str(tmp_path / "ids.pt")]
+    dtype = str(native.dtype).removeprefix("torch.")
+    done = subprocess.run([*command, str(tmp_path / "logits.pt"), dtype], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = torch.load(tmp_path / "logits.pt")
+    assert (loaded - plain_logits(native, ids)).abs().max() < tolerances(native)[1]  # another thread count
+
+    restored = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=native.dtype).eval()
+    assert restored.sleep_config == model.sleep_config
+    with torch.no_grad():
+        assert torch.equal(restored(ids).logits, model(ids).logits)
+
+
+def test_the_engine_sees_one_block_per_layer_of_the_right_kind(native):
+    adapter = sleeping(native, window=4).get_sleep_adapter()
+    kinds = [block.kind for block in adapter.blocks]
+    assert kinds == ["linear" if t == "linear_attention" else "attention" for t in native.config.layer_types]
+    assert isinstance(SleepEngine(adapter, SleepConfig(window=4)), SleepEngine)
