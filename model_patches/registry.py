@@ -4,4 +4,5 @@
 import model_patches.hybrid
 import model_patches.jet_nemotron
 import model_patches.ouro
-import model_patches.qwen3_5  # noqa: F401
+import model_patches.qwen3_5
+import model_patches.qwen3_next  # noqa: F401

@@ -13,7 +13,7 @@ half holds both kinds.
 from transformers.models.qwen3_5 import modeling_qwen3_5 as dense
 from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as moe
 
-from model_patches.qwen3_5.blocks import GatedAttentionBlock, GatedDeltaNetBlock
+from model_patches.qwen3_5.blocks import GatedAttentionBlock, GatedDeltaNetBlock, Projections, qwen3_5_projections
 from retrofit.native import NativeFamily
 from retrofit.registry import register_native
 
@@ -32,16 +32,17 @@ def attention_period(layer_types: list[str]) -> int:
     return next((i + 1 for i, kind in enumerate(layer_types) if kind == "full_attention"), len(layer_types))
 
 
-def family(modeling) -> NativeFamily:
-    """The blocks, loop range and LoRA targets of Qwen3.5 as `modeling` (transformers' module) lays it out."""
+def family(modeling, projections: Projections, lora_targets: tuple[str, ...] = LORA_TARGETS) -> NativeFamily:
+    """The blocks, loop range and LoRA targets of a Qwen-style hybrid as `modeling` (transformers' module) lays it out,
+    its Gated DeltaNet projected by `projections`."""
+
+    def block(layer):
+        if hasattr(layer, "linear_attn"):
+            return GatedDeltaNetBlock(layer, projections)
+        return GatedAttentionBlock(layer, modeling.apply_rotary_pos_emb)
 
     def blocks(causal_lm):
-        return [
-            GatedDeltaNetBlock(layer)
-            if hasattr(layer, "linear_attn")
-            else GatedAttentionBlock(layer, modeling.apply_rotary_pos_emb)
-            for layer in causal_lm.model.layers
-        ]
+        return [block(layer) for layer in causal_lm.model.layers]
 
     def loop_range(causal_lm) -> tuple[int, int]:
         layer_types = causal_lm.config.layer_types
@@ -49,8 +50,10 @@ def family(modeling) -> NativeFamily:
         start = (n // 4) // period * period
         return (start, n - start)
 
-    return NativeFamily(blocks, loop_range, LORA_TARGETS)
+    return NativeFamily(blocks, loop_range, lora_targets)
 
 
-register_native("qwen3_5_text", dense.Qwen3_5TextConfig, dense.Qwen3_5ForCausalLM, family(dense))
-register_native("qwen3_5_moe_text", moe.Qwen3_5MoeTextConfig, moe.Qwen3_5MoeForCausalLM, family(moe))
+register_native("qwen3_5_text", dense.Qwen3_5TextConfig, dense.Qwen3_5ForCausalLM, family(dense, qwen3_5_projections))
+register_native(
+    "qwen3_5_moe_text", moe.Qwen3_5MoeTextConfig, moe.Qwen3_5MoeForCausalLM, family(moe, qwen3_5_projections)
+)

@@ -1,12 +1,14 @@
-"""The engine's blocks over transformers' Qwen3.5 decoder layers (dense `Qwen3_5DecoderLayer` and MoE alike).
+"""The engine's blocks over transformers' Qwen3.5 and Qwen3-Next decoder layers (dense and MoE alike).
 
 Each block is a view of one loaded layer: it calls the layer's own norms, projections, gated norm and MLP (or sparse
 MoE block) and reads its conv and gate parameters, so the weights stay where transformers put them. What it adds is
 the engine's contract: an explicit fast state in and out (`LinearState`: the delta-rule state and the conv window),
 keys and values as a `KVWindow`, and padding that leaves both untouched.
 
-* Gated DeltaNet (`layer.linear_attn`): `in_proj_qkv` -> depthwise causal conv `conv1d` with SiLU -> q, k, v;
-  `g = -exp(A_log) softplus(in_proj_a x + dt_bias)`, `beta = sigmoid(in_proj_b x)`; the gated delta rule with
+* Gated DeltaNet (`layer.linear_attn`): the projections (Qwen3.5: `in_proj_qkv`, `in_proj_z`, `in_proj_b`,
+  `in_proj_a`; Qwen3-Next: the fused `in_proj_qkvz`, `in_proj_ba`, unpacked by the module's own
+  `fix_query_key_value_ordering`) -> depthwise causal conv `conv1d` with SiLU on q|k|v;
+  `g = -exp(A_log) softplus(a + dt_bias)`, `beta = sigmoid(b)`; the gated delta rule with
   l2-normalised q, k (`retrofit.ops`: fla on CUDA, the exact torch path on CPU; each q/k head serves
   `linear_num_value_heads / linear_num_key_heads` value heads); the layer's `norm(o, in_proj_z x)`; `out_proj`.
 * Gated attention (`layer.self_attn`): `q_proj` gives queries and an output gate; `q_norm`/`k_norm` per head;
@@ -16,6 +18,8 @@ keys and values as a `KVWindow`, and padding that leaves both untouched.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -23,6 +27,20 @@ from torch import Tensor, nn
 from retrofit.blocks import BlockState, Chunk, KVWindow, LinearState
 from retrofit.layers.attention import attend
 from retrofit.ops import gated_delta_rule, short_conv
+
+Projections = Callable[[nn.Module, Tensor], tuple[Tensor, Tensor, Tensor, Tensor]]
+
+
+def qwen3_5_projections(mixer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Qwen3.5's separate projections: q|k|v before the conv `[B, T, 2K + V]`, z `[B, T, V]`, b and a `[B, T, HV]`."""
+    return mixer.in_proj_qkv(x), mixer.in_proj_z(x), mixer.in_proj_b(x), mixer.in_proj_a(x)
+
+
+def qwen3_next_projections(mixer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Qwen3-Next's fused, head-grouped projections, unpacked by the module's own method into Qwen3.5's layout."""
+    q, k, v, z, b, a = mixer.fix_query_key_value_ordering(mixer.in_proj_qkvz(x), mixer.in_proj_ba(x))
+    qkv = torch.cat([t.flatten(2) for t in (q, k, v)], dim=-1)
+    return qkv, z.flatten(2), b, a
 
 
 def mlp_output(layer: nn.Module, h: Tensor) -> Tensor:
@@ -33,14 +51,15 @@ def mlp_output(layer: nn.Module, h: Tensor) -> Tensor:
 
 
 class GatedDeltaNetBlock(nn.Module):
-    """One Qwen3.5 decoder layer whose mixer is `linear_attn` (a `Qwen3_5GatedDeltaNet`)."""
+    """One decoder layer whose mixer is `linear_attn` (a Qwen3.5 or Qwen3-Next Gated DeltaNet)."""
 
     kind = "linear"
     kv_window = None
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, projections: Projections) -> None:
         super().__init__()
         self.layer = layer
+        self.projections = projections
 
     def forward(
         self, h: Tensor, state: BlockState, kv: KVWindow | None, chunk: Chunk
@@ -49,8 +68,9 @@ class GatedDeltaNetBlock(nn.Module):
         x = layer.input_layernorm(h)
         batch, length, _ = x.shape
         valid = chunk.valid if chunk.padded else None
+        qkv, z, b, a = self.projections(mixer, x)
         qkv, conv = short_conv(
-            mixer.in_proj_qkv(x),
+            qkv,
             mixer.conv1d.weight.squeeze(1),
             mixer.conv1d.bias,
             initial_state=state.conv[0] if state is not None else None,
@@ -59,8 +79,8 @@ class GatedDeltaNetBlock(nn.Module):
         )
         q, k, v = torch.split(qkv, [mixer.key_dim, mixer.key_dim, mixer.value_dim], dim=-1)
         gate_dtype = torch.promote_types(x.dtype, torch.float32)  # fp32 under bf16, fp64 in exact tests
-        g = -mixer.A_log.to(gate_dtype).exp() * F.softplus(mixer.in_proj_a(x).to(gate_dtype) + mixer.dt_bias)
-        beta = mixer.in_proj_b(x).sigmoid()
+        g = -mixer.A_log.to(gate_dtype).exp() * F.softplus(a.to(gate_dtype) + mixer.dt_bias)
+        beta = b.sigmoid()
         if valid is not None:  # g = 0 and beta = 0: an exact no-op on the state
             g, beta = g * valid[..., None], beta * valid[..., None]
         o, recurrent = gated_delta_rule(
@@ -73,13 +93,12 @@ class GatedDeltaNetBlock(nn.Module):
             output_final_state=True,
             use_qk_l2norm=True,
         )
-        z = mixer.in_proj_z(x).reshape(-1, mixer.head_v_dim)
-        o = mixer.norm(o.reshape(-1, mixer.head_v_dim), z).reshape(batch, length, -1)
+        o = mixer.norm(o.reshape(-1, mixer.head_v_dim), z.reshape(-1, mixer.head_v_dim)).reshape(batch, length, -1)
         return mlp_output(layer, h + mixer.out_proj(o)), LinearState(recurrent, (conv,)), None
 
 
 class GatedAttentionBlock(nn.Module):
-    """One Qwen3.5 decoder layer whose mixer is `self_attn` (a `Qwen3_5Attention`: gated output, q/k norms)."""
+    """One decoder layer whose mixer is `self_attn` (Qwen3.5's or Qwen3-Next's attention: gated output, q/k norms)."""
 
     kind = "attention"
     kv_window = None
