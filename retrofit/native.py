@@ -43,8 +43,11 @@ class NativeAdapter(DecoderAdapter):
         super().__init__(causal_lm, family.default_loop_range(causal_lm))
         self.blocks = nn.ModuleList(family.blocks(causal_lm))
 
-    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """transformers' own rotary embedding of the model, at `positions` `[B, C]`: cos and sin `[B, C, rot]`."""
+    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor] | None:
+        """transformers' own rotary embedding of the model, at `positions` `[B, C]`: cos and sin `[B, C, rot]`; None
+        for a model without one (NoPE)."""
+        if self.model.rotary_emb is None:
+            return None
         return self.model.rotary_emb(self.model.embed_tokens.weight, positions)
 
 
@@ -72,6 +75,19 @@ class NativeSleepMixin(SleepCausalLMMixin):
     @property
     def default_lora_targets(self) -> tuple[str, ...]:
         return self.native_family.lora_targets
+
+
+def middle_periods(causal_lm: nn.Module) -> tuple[int, int]:
+    """A default loop range for a periodic hybrid (`config.layer_types`, e.g. three linear layers then one attention
+    layer): whole periods around the middle half of the stack, `[s, n - s)` with `s` the multiple of the period at or
+    below `n / 4` (`[4, 20)` for 24 layers of period 4, `[8, 24)` for 32, `[16, 48)` for 64). Every loop pass then
+    holds linear layers that write the fast state and the attention layer that reads the window, as every pass of the
+    paper's loop over Jet-Nemotron's middle half does."""
+    layer_types = list(causal_lm.config.layer_types)
+    n = len(layer_types)
+    period = next((i + 1 for i, kind in enumerate(layer_types) if kind == "full_attention"), n)
+    start = (n // 4) // period * period
+    return (start, n - start)
 
 
 _SLEEPING_CLASSES: dict[type, type] = {}

@@ -7,7 +7,7 @@ Its layers are Qwen3.5's but for the Gated DeltaNet's fused, head-grouped projec
 from transformers.models.qwen3_next import modeling_qwen3_next as next_modeling
 
 from model_patches.qwen3_5 import family
-from model_patches.qwen3_5.blocks import qwen3_next_projections
+from model_patches.qwen3_5.blocks import QWEN3_NEXT_LAYOUT
 from retrofit.registry import register_native
 
 LORA_TARGETS = (
@@ -20,5 +20,5 @@ register_native(
     "qwen3_next",
     next_modeling.Qwen3NextConfig,
     next_modeling.Qwen3NextForCausalLM,
-    family(next_modeling, qwen3_next_projections, LORA_TARGETS),
+    family(next_modeling, QWEN3_NEXT_LAYOUT, LORA_TARGETS),
 )

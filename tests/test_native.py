@@ -1,5 +1,6 @@
-"""Qwen3.5 (dense and MoE) and Qwen3-Next, as transformers implements them, patched to sleep: held to transformers'
-own forward, `generate` and checkpoints, and to the engine's contract (streaming, padding, gradients through the state).
+"""The native hybrids (Qwen3.5 dense and MoE, Qwen3-Next, OLMo-Hybrid), as transformers implements them, patched to
+sleep: held to transformers' own forward, `generate` and checkpoints, and to the engine's contract (streaming,
+padding, gradients through the state).
 
 Models are tiny and random, built from transformers' own config classes: dense in float64, MoE in float32 (the
 grouped expert matmul takes no float64). transformers' torch path of the gated delta rule computes in float32, so
@@ -14,7 +15,13 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen3_5MoeTextConfig, Qwen3_5TextConfig, Qwen3NextConfig
+from transformers import (
+    AutoModelForCausalLM,
+    OlmoHybridConfig,
+    Qwen3_5MoeTextConfig,
+    Qwen3_5TextConfig,
+    Qwen3NextConfig,
+)
 
 import retrofit
 from retrofit import SleepConfig, SleepEngine, apply_sleep
@@ -41,8 +48,14 @@ CONFIGS = {
     "qwen3_5_text": lambda: Qwen3_5TextConfig(intermediate_size=48, **SHARED),
     "qwen3_5_moe_text": lambda: Qwen3_5MoeTextConfig(**MOE, **SHARED),
     "qwen3_next": lambda: Qwen3NextConfig(intermediate_size=48, **MOE, **SHARED),  # fused GDN projections
+    "olmo_hybrid": lambda: OlmoHybridConfig(intermediate_size=48, pad_token_id=0, **SHARED),  # beta in (0, 2)
 }
-DTYPES = {"qwen3_5_text": torch.float64, "qwen3_5_moe_text": torch.float32, "qwen3_next": torch.float32}
+DTYPES = {
+    "qwen3_5_text": torch.float64,
+    "qwen3_5_moe_text": torch.float32,
+    "qwen3_next": torch.float32,
+    "olmo_hybrid": torch.float64,
+}
 TOLERANCES = {torch.float64: (1e-6, 1e-9), torch.float32: (1e-4, 2e-5)}  # (against transformers, engine's own)
 
 

@@ -1,0 +1,52 @@
+"""OLMo-Hybrid as the engine sees it: its Gated DeltaNet layout and its post-norm attention layer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from retrofit.blocks import Chunk, KVWindow
+from retrofit.layers.attention import attend
+from retrofit.layers.views import DeltaNetLayout
+
+
+def olmo_hybrid_projections(mixer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """q|k|v before the conv, the output gate `g_proj`, then b and a."""
+    qkv = torch.cat([mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x)], dim=-1)
+    return qkv, mixer.g_proj(x), mixer.b_proj(x), mixer.a_proj(x)
+
+
+OLMO_HYBRID_LAYOUT = DeltaNetLayout(
+    olmo_hybrid_projections,
+    norm="o_norm",
+    out="o_proj",
+    beta_scale=lambda mixer: 2.0 if mixer.allow_neg_eigval else 1.0,
+)
+
+
+class PostNormAttentionBlock(nn.Module):
+    """One OLMo-Hybrid attention layer: `h + post_attention_layernorm(attn(h))`, then
+    `h + post_feedforward_layernorm(mlp(h))`; q and k are normed over all heads, RoPE is optional."""
+
+    kind = "attention"
+    kv_window = None
+
+    def __init__(self, layer: nn.Module, apply_rotary_pos_emb: Callable) -> None:
+        super().__init__()
+        self.layer = layer
+        self.apply_rotary_pos_emb = apply_rotary_pos_emb
+
+    def forward(self, h: Tensor, state: None, kv: KVWindow | None, chunk: Chunk) -> tuple[Tensor, None, KVWindow]:
+        layer, attention = self.layer, self.layer.self_attn
+        batch, length, _ = h.shape
+        heads = (batch, length, -1, attention.head_dim)
+        q = attention.q_norm(attention.q_proj(h)).view(heads).transpose(1, 2)
+        k = attention.k_norm(attention.k_proj(h)).view(heads).transpose(1, 2)
+        v = attention.v_proj(h).view(heads).transpose(1, 2)
+        if chunk.rope is not None:
+            q, k = self.apply_rotary_pos_emb(q, k, *chunk.rope)
+        out, own = attend(q, k, v, kv, chunk, None)
+        h = h + layer.post_attention_layernorm(attention.o_proj(out.transpose(1, 2).reshape(batch, length, -1)))
+        return h + layer.post_feedforward_layernorm(layer.mlp(h)), None, own
