@@ -238,3 +238,22 @@ def test_the_engine_sees_one_block_per_layer_of_the_right_kind(native):
     kinds = [block.kind for block in adapter.blocks]
     assert kinds == ["linear" if t == "linear_attention" else "attention" for t in native.config.layer_types]
     assert isinstance(SleepEngine(adapter, SleepConfig(window=4)), SleepEngine)
+
+
+def test_a_published_image_text_checkpoint_sleeps_through_its_text_stack(tmp_path):
+    """Qwen3.5's checkpoints are `Qwen3_5ForConditionalGeneration` folders: `AutoModelForCausalLM` loads their text
+    stack, and that model sleeps (N=1 over the whole sequence equals its own forward)."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    vision = {"depth": 1, "hidden_size": 16, "num_heads": 2, "intermediate_size": 16, "out_hidden_size": 32}
+    torch.manual_seed(1)
+    Qwen3_5ForConditionalGeneration(
+        Qwen3_5Config(text_config=dict(SHARED, intermediate_size=48), vision_config=vision)
+    ).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    assert model.config.model_type == "qwen3_5_text"
+    ids, _ = random_batch(1, 12, VOCAB, seed=12)
+    reference = plain_logits(model, ids)
+    apply_sleep(model, SleepConfig(window=16, passes=1))
+    with torch.no_grad():
+        assert (model(ids, return_logits=True).logits - reference).abs().max() < TOLERANCES[torch.float64][0]
