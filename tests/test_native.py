@@ -59,14 +59,6 @@ DTYPES = {
 TOLERANCES = {torch.float64: (1e-6, 1e-9), torch.float32: (1e-4, 2e-5)}  # (against transformers, engine's own)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def native(request) -> torch.nn.Module:
     """transformers' own model (not patched), random init with the gates and norms drawn away from their defaults."""

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
 
 from retrofit.blocks import Chunk, KVWindow
 from retrofit.layers.attention import attend
-from retrofit.layers.views import DeltaNetLayout
+from retrofit.layers.views import AttentionView, DeltaNetLayout
 
 
 def olmo_hybrid_projections(mixer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -26,17 +24,9 @@ OLMO_HYBRID_LAYOUT = DeltaNetLayout(
 )
 
 
-class PostNormAttentionBlock(nn.Module):
+class PostNormAttentionBlock(AttentionView):
     """One OLMo-Hybrid attention layer: `h + post_attention_layernorm(attn(h))`, then
     `h + post_feedforward_layernorm(mlp(h))`; q and k are normed over all heads, RoPE is optional."""
-
-    kind = "attention"
-    kv_window = None
-
-    def __init__(self, layer: nn.Module, apply_rotary_pos_emb: Callable) -> None:
-        super().__init__()
-        self.layer = layer
-        self.apply_rotary_pos_emb = apply_rotary_pos_emb
 
     def forward(self, h: Tensor, state: None, kv: KVWindow | None, chunk: Chunk) -> tuple[Tensor, None, KVWindow]:
         layer, attention = self.layer, self.layer.self_attn

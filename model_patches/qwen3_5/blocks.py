@@ -10,14 +10,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
 
 from retrofit.blocks import Chunk, KVWindow
 from retrofit.layers.attention import attend
-from retrofit.layers.views import DeltaNetLayout, mlp_output
+from retrofit.layers.views import AttentionView, DeltaNetLayout, mlp_output
 
 
 def qwen3_5_projections(mixer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -36,16 +34,8 @@ QWEN3_5_LAYOUT = DeltaNetLayout(qwen3_5_projections)
 QWEN3_NEXT_LAYOUT = DeltaNetLayout(qwen3_next_projections)
 
 
-class GatedAttentionBlock(nn.Module):
+class GatedAttentionBlock(AttentionView):
     """One decoder layer whose mixer is `self_attn` (Qwen3.5's or Qwen3-Next's attention: gated output, q/k norms)."""
-
-    kind = "attention"
-    kv_window = None
-
-    def __init__(self, layer: nn.Module, apply_rotary_pos_emb: Callable) -> None:
-        super().__init__()
-        self.layer = layer
-        self.apply_rotary_pos_emb = apply_rotary_pos_emb
 
     def forward(self, h: Tensor, state: None, kv: KVWindow | None, chunk: Chunk) -> tuple[Tensor, None, KVWindow]:
         layer, attention = self.layer, self.layer.self_attn

@@ -96,3 +96,16 @@ class GatedDeltaNetView(nn.Module):
         rows = (-1, mixer.head_v_dim)
         o = getattr(mixer, layout.norm)(o.reshape(rows), z.reshape(rows)).reshape(batch, length, -1)
         return mlp_output(layer, h + getattr(mixer, layout.out)(o)), LinearState(recurrent, (conv,)), None
+
+
+class AttentionView(nn.Module):
+    """What the views of a native attention layer share: the layer, and transformers' own RoPE function of its model
+    (which handles partial rotary dimensions). Subclasses compute the layer's forward with `attend`."""
+
+    kind = "attention"
+    kv_window = None
+
+    def __init__(self, layer: nn.Module, apply_rotary_pos_emb: Callable) -> None:
+        super().__init__()
+        self.layer = layer
+        self.apply_rotary_pos_emb = apply_rotary_pos_emb
