@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from torch import nn
@@ -45,3 +46,25 @@ def apply_sleep(model: nn.Module, config: SleepConfig | dict[str, Any]) -> nn.Mo
     SleepEngine(base.get_sleep_adapter(), config)  # validates the config against the model
     base.config.sleep_config = config.to_dict()
     return model
+
+
+def restore_sleep(model: nn.Module) -> nn.Module:
+    """Make a model loaded from a saved sleeping folder sleep again, when its class did not already.
+
+    The toolkit's own families, and the native ones where transformers lets `AutoModelForCausalLM` build the sleeping
+    class (5.25 does; 5.17 keeps transformers' configs mapped to its own classes), restore on `from_pretrained`; a
+    native model loaded as transformers' plain class gets its hooks here from `config.sleep_config`.
+    """
+    base = transformers_model(model)
+    saved = getattr(getattr(base, "config", None), "sleep_config", None)
+    if saved and not hasattr(base, "get_sleep_adapter"):
+        apply_sleep(model, saved)
+    return model
+
+
+def load_model(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
+    """`AutoModelForCausalLM.from_pretrained(path, **kwargs)`, sleeping again if it was saved sleeping, on every
+    supported transformers version."""
+    from transformers import AutoModelForCausalLM
+
+    return restore_sleep(AutoModelForCausalLM.from_pretrained(path, **kwargs))

@@ -268,8 +268,9 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_generate(args: argparse.Namespace) -> int:
     """Greedy generation from `args.prompt`; prints the continuation. User errors exit 2 with one line."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from retrofit.apply import load_model
     from retrofit.lora import is_adapter_dir, load_adapter
 
     saved = [args.model_dir / d for d in ("model", "adapter")] + [args.model_dir]
@@ -285,7 +286,7 @@ def run_generate(args: argparse.Namespace) -> int:
         print("error: --max-new-tokens must be at least 1", file=sys.stderr)
         return 2
     adapter = is_adapter_dir(model_dir)  # a LoRA run: the adapter on its base, sleeping as trained
-    model = (load_adapter(model_dir) if adapter else AutoModelForCausalLM.from_pretrained(model_dir)).eval()
+    model = (load_adapter(model_dir) if adapter else load_model(model_dir)).eval()
     if getattr(model, "sleep_config", None) is None:
         print(f"error: {model_dir} is not a sleeping model (its config.json has no sleep_config)", file=sys.stderr)
         return 2

@@ -46,9 +46,12 @@ class NativeAdapter(DecoderAdapter):
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor] | None:
         """transformers' own rotary embedding of the model, at `positions` `[B, C]`: cos and sin `[B, C, rot]`; None
         for a model without one (NoPE)."""
-        if self.model.rotary_emb is None:
+        rotary = self.model.rotary_emb
+        if rotary is None:
             return None
-        return self.model.rotary_emb(self.model.embed_tokens.weight, positions)
+        if getattr(rotary, "mrope_section", None) is not None:  # multimodal RoPE: text positions on all three axes
+            positions = positions[None].expand(3, *positions.shape)
+        return rotary(self.model.embed_tokens.weight, positions)
 
 
 class NativeSleepMixin(SleepCausalLMMixin):

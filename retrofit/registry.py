@@ -31,9 +31,12 @@ def register_family(model_type: str, config_class: type[PreTrainedConfig], model
 def register_native(
     model_type: str, config_class: type[PreTrainedConfig], model_class: type[PreTrainedModel], family: NativeFamily
 ) -> None:
-    """Make a model type that transformers implements sleep: `apply_sleep` patches its loaded instances, and
-    `AutoModelForCausalLM` builds the same class with the sleep hooks (which runs transformers' own forward until a
-    `sleep_config` is set), so that `from_pretrained` restores a saved sleeping model."""
+    """Make a model type that transformers implements sleep: `apply_sleep` patches its loaded instances.
+
+    Where transformers accepts it (5.25 does; 5.17 keeps its own configs mapped to its own classes),
+    `AutoModelForCausalLM` also builds the class with the sleep hooks, which runs transformers' own forward until a
+    `sleep_config` is set, so that `from_pretrained` restores a saved sleeping model; `retrofit.load_model` does on
+    every version."""
     NATIVE_FAMILIES[model_type] = family
     AutoModelForCausalLM.register(config_class, sleeping_class(model_class, family), exist_ok=True)
 

@@ -25,9 +25,10 @@ from accelerate import Accelerator
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from retrofit.apply import load_model as load_saved_model
 from retrofit.lora import ADAPTER_WEIGHTS_FILE, is_adapter_dir, load_adapter, save_adapter
 from retrofit.recipes import RecipeError
 from retrofit.training.distributed import gather_state_dict
@@ -91,7 +92,7 @@ def register_model_hooks(
                 unexpected = result.unexpected_keys[0]
                 raise ValueError(f"{directory}: {unexpected} is not a weight of this run's adapter; {fix}")
             return
-        saved = AutoModelForCausalLM.from_pretrained(directory, dtype=model.dtype)
+        saved = load_saved_model(directory, dtype=model.dtype)
         try:
             model.load_state_dict(saved.state_dict())
         except RuntimeError as exc:  # torch lists the mismatched keys and shapes
@@ -213,7 +214,7 @@ def load_model(path: Path) -> nn.Module:
     folder = path / MODEL_DIR if is_checkpoint(path) else path
     if is_adapter_dir(folder):
         return load_adapter(folder, dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(folder)
+    return load_saved_model(folder)
 
 
 def saved_state(checkpoint: Path) -> TrainerState:

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from retrofit.apply import restore_sleep
+
 
 def load_pretrained(
     name: str,
@@ -33,7 +35,7 @@ def load_pretrained(
     for key, value in overrides.items():
         if key not in after_loading:
             setattr(config, key, value)
-    model = AutoModelForCausalLM.from_pretrained(name, revision=revision, config=config, dtype=dtype)
+    model = restore_sleep(AutoModelForCausalLM.from_pretrained(name, revision=revision, config=config, dtype=dtype))
     for key, value in after_loading.items():
         setattr(model.config, key, value)
     return model
