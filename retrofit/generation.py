@@ -29,7 +29,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from retrofit.blocks import BlockState, Chunk, KVWindow, join_readable
+from retrofit.blocks import BlockState, Chunk, KVWindow, LinearState, SleepAdapter, join_readable
 from retrofit.engine import SleepEngine
 
 # The name under which this transformers passes a cache to `forward`, returns it in a model output and keeps it
@@ -214,8 +214,28 @@ class StreamCache(StreamingCache):
         self.states: list[list[BlockState]] = []
         self.windows: list[list[KVWindow | None]] = []
 
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: keep the rows `beam_idx` of every state, window and count (nothing is evicted to undo)."""
+
+        def rows(x: Tensor) -> Tensor:
+            return x.index_select(0, beam_idx.to(x.device))
+
+        self.states = [
+            [None if s is None else LinearState(rows(s.recurrent), tuple(rows(c) for c in s.conv)) for s in states]
+            for states in self.states
+        ]
+        self.windows = [
+            [
+                None if w is None else w._replace(keys=rows(w.keys), values=rows(w.values), valid=rows(w.valid))
+                for w in ws
+            ]
+            for ws in self.windows
+        ]
+        if self.num_valid is not None:
+            self.num_valid = rows(self.num_valid)
+
     def run(
-        self, adapter, input_ids: Tensor, valid: Tensor, passes: int, positions: Tensor | None = None
+        self, adapter: SleepAdapter, input_ids: Tensor, valid: Tensor, passes: int, positions: Tensor | None = None
     ) -> list[Tensor]:
         """Run `passes` passes of every block over the new tokens; return h after each pass, each `[B, T, D]`.
 

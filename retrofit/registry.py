@@ -9,7 +9,7 @@ so `AutoModelForCausalLM` knows every family afterwards.
 
 from __future__ import annotations
 
-from importlib import import_module
+import warnings
 from importlib.metadata import entry_points
 
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
@@ -43,8 +43,15 @@ def register_native(
 
 def load_families() -> None:
     """Import every package that announces families (entry points of `ENTRY_POINT_GROUP`); each registers its own."""
-    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
-        import_module(entry_point.value)
+    found = list(entry_points(group=ENTRY_POINT_GROUP))
+    for entry_point in found:
+        entry_point.load()
+    if not found:
+        warnings.warn(
+            f"no model families found (no '{ENTRY_POINT_GROUP}' entry point): reinstall the toolkit "
+            "(pip install -e .) so that its package metadata names them",
+            stacklevel=2,
+        )
 
 
 def supported_model_types() -> list[str]:

@@ -177,7 +177,10 @@ def label_runs(runs: Sequence[Run]) -> list[Run]:
     keys = sorted({key for v in values for key in v} - set(UNCOMPARED_KEYS), key=_key_order)
     differing = [key for key in keys if len({v.get(key) for v in values}) > 1]
     names = short_names(differing)
-    labels = [", ".join(f"{names[k]}={v.get(k, '–')}" for k in differing) for v in values]
+    labels = [
+        ", ".join(f"{names[k]}={v.get(k, '–')}" for k in differing) or run.path.name
+        for run, v in zip(runs, values, strict=True)
+    ]
     if len(set(labels)) < len(labels):
         labels = [
             f"{label} ({run.path.name})" if label else run.path.name for label, run in zip(labels, runs, strict=True)

@@ -46,7 +46,7 @@ class SweepRun:
 
     @property
     def log(self) -> Path:
-        return self.run_dir.with_suffix(".log")
+        return self.run_dir.with_name(self.run_dir.name + ".log")  # not with_suffix: values hold dots (lr0.01)
 
     @property
     def label(self) -> str:
@@ -95,6 +95,13 @@ def plan_sweep(
     duplicated = sorted({key for key in keys if keys.count(key) > 1})
     if duplicated:
         raise RecipeError(duplicated[0], "is given to --over twice: list all its values in one --over", "--over")
+    repeated = next(((key, values) for key, values in axes if len(set(values)) < len(values)), None)
+    if repeated is not None:
+        raise RecipeError(repeated[0], f"lists a value twice ({','.join(repeated[1])}): give each value once", "--over")
+    if len(set(seeds)) < len(seeds):
+        raise RecipeError(
+            "seed", f"--seeds lists a seed twice ({','.join(map(str, seeds))}): give each once", "--seeds"
+        )
     value_lists = [[(key, value) for value in values] for key, values in axes]
     grid = [(*point, ("seed", str(seed))) for point in itertools.product(*value_lists) for seed in seeds]
     runs = []
@@ -174,7 +181,15 @@ def write_json_atomically(path: Path, data: object) -> None:
 
 
 def write_sweep_json(root: Path, recipe: str, runs: Sequence[SweepRun], outcomes: Sequence[Outcome]) -> None:
-    """Record what ran, how it ended and how long it took (what recalibrates a recipe's budget)."""
+    """Record what ran, how it ended and how long it took (what recalibrates a recipe's budget); a run kept from an
+    earlier invocation keeps the time that invocation recorded."""
+    earlier = {}
+    if (root / SWEEP_FILE).is_file():
+        earlier = {r["run_dir"]: r["seconds"] for r in json.loads((root / SWEEP_FILE).read_text())["runs"]}
+    outcomes = [
+        Outcome(o.returncode, earlier.get(str(run.run_dir), o.seconds)) if o.seconds == 0.0 else o
+        for run, o in zip(runs, outcomes, strict=True)
+    ]
     records = [
         {"values": dict(run.values), "run_dir": str(run.run_dir), "log": str(run.log), "command": run.command}
         | {"returncode": outcome.returncode, "seconds": outcome.seconds}

@@ -201,6 +201,18 @@ def test_a_model_without_sleep_decodes_through_a_kv_cache(families, family):
 SEGMENTS = ((0, 4), (4, 5), (5, 11))
 
 
+def test_beam_search_on_a_model_without_sleep_reorders_its_cache():
+    """`StreamCache.reorder_cache` keeps the chosen beams' states and keys: cached beam search gives the beams that
+    beam search without a cache (the plain forward over each whole sequence) gives."""
+    model = tiny_hybrid()
+    model.generation_config.eos_token_id = None
+    prompt, _ = random_batch(2, 5, 19, seed=13)
+    with torch.no_grad():
+        cached = model.generate(prompt, max_new_tokens=6, num_beams=3, do_sample=False)
+        uncached = model.generate(prompt, max_new_tokens=6, num_beams=3, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
 def test_streaming_refuses_multi_pass_wake():
     model = apply_sleep(tiny_hybrid(), SleepConfig(window=4, passes=3, wake_passes=2))
     with pytest.raises(ValueError, match="wake_passes"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,6 +42,16 @@ def test_the_plan_is_the_grid_of_axes_and_seeds_each_in_a_folder_named_by_its_va
         f"output_dir={tmp_path / first.run_dir.name}",
     ]
     assert all(flag == "--set" for flag in first.command[7::2])
+
+
+def test_values_with_dots_get_their_own_folders_and_logs_and_repeats_are_refused(tmp_path):
+    runs = plan_sweep(RECIPE, [parse_axis("optimizer.adamw.lr=0.002,0.01")], [0], tmp_path)
+    assert [r.run_dir.name for r in runs] == ["lr0.002-seed0", "lr0.01-seed0"]
+    assert [r.log.name for r in runs] == ["lr0.002-seed0.log", "lr0.01-seed0.log"]
+    with pytest.raises(RecipeError, match="lists a value twice"):
+        plan_sweep(RECIPE, [parse_axis("sleep.passes=1,1")], [0], tmp_path)
+    with pytest.raises(RecipeError, match="lists a seed twice"):
+        plan_sweep(RECIPE, [parse_axis("sleep.passes=1,2")], [0, 0], tmp_path)
 
 
 def test_keys_that_share_a_last_part_are_named_in_full(tmp_path):
@@ -100,6 +111,7 @@ def test_a_sweep_killed_mid_run_resumes_where_it_stopped_and_ends_with_the_compa
     done = subprocess.run(sweep_command(root), cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "finished earlier, kept" in done.stdout
+    assert re.search(r"resumed from \S*passes2-seed0/checkpoints/step_\d+ at step [1-9]", done.stdout), done.stdout
     assert (first / "results.json").stat().st_mtime_ns == kept
     fresh = tmp_path / "fresh"
     assert (

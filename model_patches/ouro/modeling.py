@@ -10,10 +10,11 @@ injection), `total_ut_steps` times. Every step shares the RoPE positions of the 
 
 Native forward (no `sleep_config`), as the published `OuroForCausalLM.forward`: all steps run; then
   * `exit_at_step=s` (0-based) reads out step s;
-  * with `labels`, or `use_weighted_exit=True`, the logits are the *expected* logits `sum_t p_t lm_head(h_t)`
-    under the exit distribution `p_t = lambda_t prod_{j<t} (1 - lambda_j)` (`lambda_t = sigmoid(gate(h_t))`, the
-    last step takes the remaining mass), and the loss is their cross-entropy: the published model's training
-    readout, so its loss is the one the base model was trained on;
+  * with `labels` (and no `exit_at_step`), the logits are the *expected* logits `sum_t p_t lm_head(h_t)` under the
+    exit distribution `p_t = lambda_t prod_{j<t} (1 - lambda_j)` (`lambda_t = sigmoid(gate(h_t))`, the last step
+    takes the remaining mass), and the loss is their cross-entropy: the published model's training readout, so its
+    loss is the one the base model was trained on. `use_weighted_exit=True` gives them without labels only when
+    there is no threshold (the published config's 1.0 is one, and its rule comes first);
   * otherwise, the inference rule: per token, the first step whose cumulative `p` reaches `exit_threshold`
     (default `config.early_exit_threshold`, 1.0 in the published configs), the last step if none does. The gate,
     `p` and its cumulative sum are computed in the model's dtype, as published: in bf16 the sum often rounds up to
@@ -306,8 +307,8 @@ class OuroForCausalLM(SleepCausalLMMixin, OuroPreTrainedModel, GenerationMixin):
         valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid.bool()
         streamed = cache if cache is not None else StreamCache()
         states = streamed.run(self.get_sleep_adapter(), input_ids, valid, steps, positions)
-        if labels is not None:  # the published training readout: the expected logits under the exit distribution
-            logits = self.expected_logits(states)
+        if labels is not None:  # the published training readout: the expected logits, unless a step is named
+            logits = self.expected_logits(states) if exit_at_step is None else self.lm_head(states[exit_at_step])
             return CausalLMOutputWithPast(loss=next_token_loss(logits, labels, valid), logits=logits)
         logits = self.exit_readout(states, exit_at_step, exit_threshold, use_weighted_exit)
         return cached_output(logits, cache) if cache is not None else CausalLMOutputWithPast(logits=logits)
