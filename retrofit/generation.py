@@ -90,6 +90,17 @@ class StreamingCache(Cache):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("beam search is not supported with this cache: use greedy decoding or sampling")
 
+    @staticmethod
+    def positions_after(before: Tensor, valid: Tensor) -> Tensor:
+        """RoPE ids of new tokens `[B, T]` that continue a count of `before` `[B]` real tokens (padding does not
+        advance them), as `retrofit.engine.sequence_positions` counts on the whole stream."""
+        return (before[:, None] + valid.long().cumsum(-1) - 1).clamp(min=0)
+
+    def advance(self, valid: Tensor) -> None:
+        """Count the new tokens `valid` `[B, T]` as seen."""
+        self.seen += valid.shape[1]
+        self.num_valid = self.num_valid + valid.long().sum(-1)
+
 
 class SleepCache(StreamingCache):
     """The streaming state of a sleeping model, as a transformers `Cache` that `generate` carries between steps.
@@ -173,7 +184,7 @@ class SleepCache(StreamingCache):
             before = self.num_valid
         else:
             before = self.chunk.valid.long().sum(-1) if self.chunk is not None else torch.zeros_like(self.num_valid)
-        return (before[:, None] + valid.long().cumsum(-1) - 1).clamp(min=0)
+        return self.positions_after(before, valid)
 
     def _wake(self, engine: SleepEngine, input_ids: Tensor, valid: Tensor) -> Tensor:
         """One wake pass over tokens that all belong to the current chunk."""
@@ -190,8 +201,7 @@ class SleepCache(StreamingCache):
             self.chunk = _ChunkTokens(input_ids, positions, valid)
         else:
             self.chunk.append(input_ids, positions, valid)
-        self.seen += input_ids.shape[1]
-        self.num_valid = self.num_valid + valid.long().sum(-1)
+        self.advance(valid)
         return adapter.head(h)
 
 
@@ -252,7 +262,7 @@ class StreamCache(StreamingCache):
                 "number of passes (ut_steps) fixed while streaming, or start a new cache"
             )
         if positions is None:
-            positions = (self.num_valid[:, None] + valid.long().cumsum(-1) - 1).clamp(min=0)
+            positions = self.positions_after(self.num_valid, valid)
         chunk = Chunk(self.seen, positions, valid, adapter.rope(positions), None, not bool(valid.all()))
         h, outputs = adapter.embed(input_ids), []
         for states, windows in zip(self.states, self.windows, strict=True):
@@ -261,8 +271,7 @@ class StreamCache(StreamingCache):
                 if own is not None:
                     windows[i] = join_readable(windows[i], own, block.kv_window)
             outputs.append(h)
-        self.seen += input_ids.shape[1]
-        self.num_valid = self.num_valid + valid.long().sum(-1)
+        self.advance(valid)
         return outputs
 
 
