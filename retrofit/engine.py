@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from retrofit.blocks import BlockState, Chunk, KVWindow, SleepAdapter, join_readable
+from retrofit.blocks import BlockState, Chunk, KVWindow, LinearState, SleepAdapter, join_readable
 from retrofit.checkpoint import checkpoint_offloaded
 from retrofit.config import SleepConfig
+from retrofit.ops.cross_entropy import head_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -66,6 +67,9 @@ class _Plan:
     sleep: bool
     all_logits: bool
     label_index: Tensor | None = None
+    # `context_only` with loss tokens in some rows only: those rows wake (their state is the wake's) and the others
+    # sleep, as each would alone. `[B]` bool, True for the rows that only wake.
+    wake_rows: Tensor | None = None
 
 
 def sequence_positions(valid: Tensor, mode: str, window: int) -> Tensor:
@@ -114,6 +118,15 @@ def chunks_with_loss(targets: Tensor | None, bounds: Sequence[tuple[int, int]]) 
     return chunk_label_counts(targets, bounds) > 0
 
 
+def _select_rows(rows: Tensor, chosen: BlockState, other: BlockState) -> BlockState:
+    """`chosen`'s state in the batch rows `rows` (`[B]` bool), `other`'s in the rest."""
+    if chosen is None or other is None or chosen is other:
+        return other
+    recurrent = torch.where(rows.view(-1, 1, 1, 1), chosen.recurrent, other.recurrent)
+    conv = tuple(torch.where(rows.view(-1, 1, 1), a, b) for a, b in zip(chosen.conv, other.conv, strict=True))
+    return LinearState(recurrent, conv)
+
+
 def _detach_states(states: States) -> States:
     return [s.detach() if s is not None else None for s in states]
 
@@ -159,7 +172,8 @@ class SleepEngine:
         positions = sequence_positions(valid, cfg.positions, cfg.window)
         targets = next_token_targets(labels, valid) if labels is not None else None
         bounds = chunk_bounds(length, cfg.window)
-        label_counts, padded = self._chunk_facts(targets, valid, bounds)
+        row_counts, padded = self._chunk_facts(targets, valid, bounds)
+        label_counts = [sum(rows) for rows in row_counts]
         chunk_has_loss = [count > 0 for count in label_counts]
         label_index = [
             self._label_index(targets[:, s:e]) if not return_logits and 0 < count < targets[:, s:e].numel() else None
@@ -174,10 +188,13 @@ class SleepEngine:
             has_next = e < length
             if cfg.sleep_on == "every_chunk":
                 wants_logits, sleeps = return_logits or chunk_has_loss[index], has_next
-            else:  # context_only: a chunk with loss tokens wakes; one without sleeps (the last one wakes anyway)
-                wakes = chunk_has_loss[index] or not has_next
-                wants_logits, sleeps = return_logits or chunk_has_loss[index], has_next and not wakes
-            plan = _Plan(wants_logits, sleeps, all_logits=return_logits, label_index=label_index[index])
+            else:  # context_only: a row with loss tokens wakes; one without sleeps (the last chunk wakes anyway)
+                some, every = chunk_has_loss[index], all(count > 0 for count in row_counts[index])
+                wants_logits, sleeps = return_logits or some, has_next and not every
+            mixed = cfg.sleep_on == "context_only" and sleeps and chunk_has_loss[index]
+            wake_rows = torch.tensor([c > 0 for c in row_counts[index]], device=valid.device) if mixed else None
+            plan = _Plan(wants_logits, sleeps, all_logits=return_logits, label_index=label_index[index],
+                         wake_rows=wake_rows)  # fmt: skip
             chunk = self._chunk(s, e, positions, valid, padded[index])
             chunk_targets = targets[:, s:e] if targets is not None else None
             part_loss, logits, states, windows = self._call_chunk(
@@ -256,11 +273,16 @@ class SleepEngine:
                 loss_sum, logits = self._head(h_out, targets, plan)
 
         if plan.sleep:
+            woken = list(new_states)  # the loop's states after the wake passes
             h = self._sleep_passes(h, new_states, windows, chunk)
             if cfg.passes > cfg.wake_passes or wake_coda_states is None:
                 self._run_blocks(self.coda, h, new_states, windows, chunk, None)
             else:
                 self._take(self.coda, new_states, wake_coda_states)
+            if plan.wake_rows is not None:  # the rows that only wake keep the wake's states
+                self._take(self.coda, woken, wake_coda_states)
+                for i in (*self.loop, *self.coda):
+                    new_states[i] = _select_rows(plan.wake_rows, woken[i], new_states[i])
         else:
             self._take(self.coda, new_states, wake_coda_states)
         return loss_sum, logits, new_states, self._evict(windows, chunk_kv)
@@ -319,7 +341,8 @@ class SleepEngine:
         """Summed cross-entropy over label positions, and logits when the plan asks for all of them.
 
         Otherwise the head runs on `plan.label_index` positions only (all when it is None): for a large vocabulary
-        and few supervised tokens per chunk, that saves most of the head's memory and time.
+        and few supervised tokens per chunk, that saves most of the head's memory and time; with many, the loss is
+        taken a chunk of rows at a time (`retrofit.ops.cross_entropy`), never holding all their logits.
         """
         if plan.all_logits:
             logits = self.adapter.head(h)
@@ -332,7 +355,7 @@ class SleepEngine:
         h, targets = h.flatten(0, 1), targets.flatten()
         if plan.label_index is not None:
             h, targets = h.index_select(0, plan.label_index), targets.index_select(0, plan.label_index)
-        return F.cross_entropy(upcast(self.adapter.head(h)), targets, reduction="sum"), None
+        return head_cross_entropy(self.adapter.head, h, targets), None
 
     # ------------------------------------------------------------------ helpers
 
@@ -366,14 +389,18 @@ class SleepEngine:
     @staticmethod
     def _chunk_facts(
         targets: Tensor | None, valid: Tensor, bounds: Sequence[tuple[int, int]]
-    ) -> tuple[list[int], list[bool]]:
-        """Per chunk: its loss-token count and whether it holds padding, in one device-to-host copy.
+    ) -> tuple[list[list[int]], list[bool]]:
+        """Per chunk: its loss-token count in each row and whether it holds padding, in one device-to-host copy.
 
         This copy and the loss positions found right after it (`_label_index`) are the forward's only waits for the
         GPU, and both come before any chunk is queued: a wait in mid-forward would drain the queue that the host had
         filled ahead of the GPU (about 45 ms of a 2B model's step on an H100; benchmarks/README.md, item b).
         """
-        counts = chunk_label_counts(targets, bounds).to(valid.device)
+        if targets is None:
+            counts = torch.zeros(len(bounds), valid.shape[0], dtype=torch.long, device=valid.device)
+        else:
+            supervised = targets != IGNORE_INDEX
+            counts = torch.stack([supervised[:, s:e].sum(1) for s, e in bounds])
         padded = torch.stack([~valid[:, s:e].all() for s, e in bounds]).long()
-        facts = torch.stack([counts, padded], dim=1).tolist()
-        return [count for count, _ in facts], [bool(flag) for _, flag in facts]
+        facts = torch.cat([counts, padded[:, None]], dim=1).tolist()
+        return [rows[:-1] for rows in facts], [bool(rows[-1]) for rows in facts]

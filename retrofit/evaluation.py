@@ -1,8 +1,13 @@
-"""Evaluation by difficulty bucket, and its reports (JSON, markdown table, PNG plot).
+"""Evaluation by difficulty bucket and by window, and its reports (JSON, markdown tables, PNG plot).
 
 An example is correct when every supervised token is the argmax of the logits at the position before it, all from
 one forward pass (wake only: no extra loops at prediction time, as in the paper). Each bucket (rollout steps, hops,
-operations: the task's `difficulty`) reports its exact-match accuracy and its mean cross-entropy per supervised token.
+operations, a data task's difficulty field: the task's `difficulty`) reports its exact-match accuracy (where the task
+scores one) and its mean cross-entropy per supervised token.
+
+The loss by window index is the mean loss of the supervised tokens in window 1, 2, 3 ... (positions [0, L), [L, 2L),
+...): by window k, the context of k - 1 windows has been evicted and lives on only in the fast state. It is the
+curve that shows what sleep keeps.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import datasets
@@ -22,6 +27,7 @@ from torch import nn
 from retrofit.engine import IGNORE_INDEX, next_token_targets
 from retrofit.recipes.schema import EvalSection
 from retrofit.tasks import Task
+from retrofit.training.checkpoint import write_atomically
 from retrofit.training.data import collate
 from retrofit.training.distributed import zero_stage
 
@@ -40,12 +46,24 @@ class Bucket:
 
 
 @dataclass(frozen=True)
+class WindowLoss:
+    """The supervised tokens of one window (1-based `window`: positions [(window - 1) L, window L))."""
+
+    window: int
+    tokens: int
+    loss: float
+
+
+@dataclass(frozen=True)
 class EvalResult:
-    """All buckets of one evaluation, at training step `step`."""
+    """All buckets of one evaluation, at training step `step`, and the loss by window of length `window_length`."""
 
     task: str
     step: int
     buckets: list[Bucket]
+    windows: list[WindowLoss] = field(default_factory=list)
+    window_length: int | None = None
+    exact_match: bool = True  # False: accuracy is not a meaningful number for this task (`text`)
 
     @property
     def accuracy(self) -> float:
@@ -60,6 +78,9 @@ class EvalResult:
             "metric": METRIC,
             "accuracy": self.accuracy,
             "buckets": [asdict(b) for b in self.buckets],
+            "window_length": self.window_length,
+            "windows": [asdict(w) for w in self.windows],
+            "exact_match": self.exact_match,
         }
 
 
@@ -69,7 +90,9 @@ def load_eval_set(section: EvalSection, task: Task, window: int | None = None) -
     `resolve` has checked that a frozen set holds every difficulty bucket of the task. Warns when every example
     fits in one `window` (the recipe's L): nothing would be evicted, so the evaluation would not measure sleep.
     """
-    if section.source == "generated":
+    if task.has_held_out:
+        dataset = task.held_out()
+    elif section.source == "generated":
         dataset = task.eval_dataset(section.num_per_difficulty, section.seed)
     else:
         dataset = task.load_frozen_eval(section.path)
@@ -93,8 +116,10 @@ def evaluate(
     step: int,
     batch_size: int,
     accelerator: Accelerator,
+    window: int | None = None,
 ) -> EvalResult:
-    """Evaluate `model` on `dataset`; each process takes every N-th example and the counts are summed.
+    """Evaluate `model` on `dataset`; each process takes every N-th example and the counts are summed. With `window`
+    (the sleep window L), also the loss by window index.
 
     Under DeepSpeed ZeRO-3 every process evaluates the whole set instead: its all-gathers pair up by the order of
     module calls, so processes with different batches (or a different number of them) would deadlock.
@@ -103,6 +128,9 @@ def evaluate(
     slot = {d: i for i, d in enumerate(difficulties)}
     # Per bucket: examples, correct, summed token loss, supervised tokens.
     sums = torch.zeros(len(difficulties), 4, dtype=torch.float64, device=accelerator.device)
+    longest = max((len(ids) for ids in dataset["input_ids"]), default=1)
+    num_windows = -(-longest // window) if window else 0
+    by_window = torch.zeros(num_windows, 2, dtype=torch.float64, device=accelerator.device)  # summed loss, tokens
     replicated = zero_stage(accelerator) == 3
     rank, world = accelerator.process_index, accelerator.num_processes
     shard = dataset if replicated else dataset.select(range(rank, len(dataset), world))
@@ -122,63 +150,91 @@ def evaluate(
         ).double()
         index = torch.tensor([slot[d] for d in rows["difficulty"]], device=accelerator.device)
         sums.index_add_(0, index, per_example)
+        if window:  # logits at t score the label at t + 1, which lies in window (t + 1) // L
+            label_window = (torch.arange(1, targets.shape[1] + 1, device=targets.device) // window).expand_as(targets)
+            by_window.index_add_(
+                0, label_window[supervised], torch.stack([token_loss[supervised], supervised[supervised]], 1).double()
+            )
     model.train(was_training)
     sums = (sums if replicated else accelerator.reduce(sums, reduction="sum")).cpu()
+    by_window = (by_window if replicated else accelerator.reduce(by_window, reduction="sum")).cpu()
     buckets = [
         Bucket(d, int(n), int(c), float(c / max(n, 1)), float(loss / max(tokens, 1)))
         for d, (n, c, loss, tokens) in zip(difficulties, sums.tolist(), strict=True)
     ]
-    return EvalResult(task.name, step, buckets)
+    windows = [WindowLoss(k + 1, int(n), float(loss / n)) for k, (loss, n) in enumerate(by_window.tolist()) if n]
+    return EvalResult(task.name, step, buckets, windows, window, task.scores_exact_match)
 
 
 def format_table(result: EvalResult) -> str:
-    """A markdown table: one row per difficulty bucket, then all examples."""
+    """Markdown tables: one row per difficulty bucket, then all examples; then the loss by window index."""
+    metric = METRIC if result.exact_match else "mean loss per supervised token"
     lines = [
-        f"Evaluation of {result.task} at step {result.step}: {METRIC}",
+        f"Evaluation of {result.task} at step {result.step}: {metric}",
         "",
         "| difficulty | examples | accuracy | loss |",
         "|---:|---:|---:|---:|",
     ]
-    lines += [f"| {b.difficulty} | {b.examples} | {b.accuracy:.3f} | {b.loss:.4f} |" for b in result.buckets]
+    accuracy = (lambda a: f"{a:.3f}") if result.exact_match else (lambda a: "n/a")
+    lines += [f"| {b.difficulty} | {b.examples} | {accuracy(b.accuracy)} | {b.loss:.4f} |" for b in result.buckets]
     total = sum(b.examples for b in result.buckets)
-    lines.append(f"| all | {total} | {result.accuracy:.3f} | |")
+    lines.append(f"| all | {total} | {accuracy(result.accuracy)} | |")
+    if result.windows:
+        lines += [
+            "",
+            f"Loss by window (L = {result.window_length}): the supervised tokens of window k, after k - 1 windows of "
+            "context were evicted",
+            "",
+            "| window | tokens | loss |",
+            "|---:|---:|---:|",
+        ]
+        lines += [f"| {w.window} | {w.tokens} | {w.loss:.4f} |" for w in result.windows]
     return "\n".join(lines)
 
 
 def write_report(result: EvalResult, out_dir: Path, history: Sequence[EvalResult] = ()) -> list[Path]:
-    """Write `results.json`, `results.md` and `results.png` into `out_dir`; return their paths.
-
-    `history` (earlier evaluations of the same run) adds an accuracy-over-training panel to the plot.
-    """
+    """Write `results.md`, `results.png` and, last, `results.json` into `out_dir`, each atomically; return their
+    paths. `history` (earlier evaluations of the same run) adds an accuracy-over-training panel to the plot."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path, png_path = out_dir / "results.json", out_dir / "results.md", out_dir / "results.png"
-    json_path.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    md_path.write_text(format_table(result) + "\n")
-    plot(result, history, png_path)
+    write_atomically(md_path, format_table(result) + "\n")
+    partial = png_path.with_name(f".{png_path.stem}.partial.png")
+    plot(result, history, partial)
+    partial.replace(png_path)
+    write_atomically(json_path, json.dumps(result.to_dict(), indent=2) + "\n")
     return [json_path, md_path, png_path]
 
 
 def plot(result: EvalResult, history: Sequence[EvalResult], path: Path) -> None:
-    """Accuracy per bucket (left) and, with a history, accuracy per bucket over training steps (right)."""
+    """Accuracy (or, for a task without exact match, loss) per bucket; with a history, the same over training
+    steps; with windows, the loss by window index."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = 2 if history else 1
+    score = (lambda b: b.accuracy) if result.exact_match else (lambda b: b.loss)
+    ylabel, ylim = ("exact-match accuracy", (0, 1)) if result.exact_match else ("loss per token", None)
+    panels = 1 + bool(history) + bool(result.windows)
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6), squeeze=False)
     ax = axes[0][0]
     labels = [str(b.difficulty) for b in result.buckets]
-    ax.bar(labels, [b.accuracy for b in result.buckets], color="tab:blue")
-    ax.set(xlabel="difficulty", ylabel="exact-match accuracy", ylim=(0, 1), title=f"{result.task}, step {result.step}")
+    ax.bar(labels, [score(b) for b in result.buckets], color="tab:blue")
+    ax.set(xlabel="difficulty", ylabel=ylabel, ylim=ylim, title=f"{result.task}, step {result.step}")
     if history:
         ax = axes[0][1]
         runs = [*history, result]
         for b in result.buckets:
-            points = [(r.step, x.accuracy) for r in runs for x in r.buckets if x.difficulty == b.difficulty]
+            points = [(r.step, score(x)) for r in runs for x in r.buckets if x.difficulty == b.difficulty]
             ax.plot(*zip(*points, strict=True), marker="o", label=f"difficulty {b.difficulty}")
-        ax.set(xlabel="step", ylabel="exact-match accuracy", ylim=(0, 1), title="during training")
+        ax.set(xlabel="step", ylabel=ylabel, ylim=ylim, title="during training")
         ax.legend(fontsize="small")
+    if result.windows:
+        ax = axes[0][-1]
+        ax.plot([w.window for w in result.windows], [w.loss for w in result.windows], marker="o", color="tab:red")
+        ax.set_xticks([w.window for w in result.windows])
+        ax.set(xlabel=f"window (L = {result.window_length})", ylabel="loss per supervised token",
+               title="loss by window index")  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -188,7 +244,14 @@ def load_result(path: Path) -> EvalResult:
     """Read back a `results.json` (or a per-step eval JSON); a file that is not one is a `ValueError` naming it."""
     try:
         data = json.loads(path.read_text())
-        return EvalResult(data["task"], data["step"], [Bucket(**b) for b in data["buckets"]])
+        return EvalResult(
+            data["task"],
+            data["step"],
+            [Bucket(**b) for b in data["buckets"]],
+            [WindowLoss(**w) for w in data.get("windows", [])],
+            data.get("window_length"),
+            data.get("exact_match", True),
+        )
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ValueError(
             f"{path}: not an evaluation result of retrofit ({exc!r}); delete it or evaluate again"

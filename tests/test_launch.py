@@ -395,7 +395,7 @@ def tiny(tmp_path_factory):
     resolved = resolve(recipe(tmp_path_factory.mktemp("tiny")))
     torch.manual_seed(0)
     model = build_model(resolved)
-    batch = micro_batch(resolved.task, 0, 0, range(4), resolved.task.tokenizer.pad_token_id)
+    batch = micro_batch(resolved.task, 0, 0, range(4), resolved.task.tokenizer.pad_token_id, 4)
     return model, batch, resolved
 
 

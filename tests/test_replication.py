@@ -54,7 +54,7 @@ def test_every_n_sees_the_same_batches_and_starts_from_the_same_weights(task):
     assert (first.sleep.passes, last.sleep.passes) == (1, 4)
 
     def batch(resolved, seed: int, step: int) -> dict[str, torch.Tensor]:
-        return micro_batch(resolved.task, seed, step, range(8), resolved.task.tokenizer.pad_token_id)
+        return micro_batch(resolved.task, seed, step, range(8), resolved.task.tokenizer.pad_token_id, 8)
 
     for step in (0, 7):
         a, b = batch(first, first.recipe.seed, step), batch(last, last.recipe.seed, step)

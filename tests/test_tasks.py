@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from retrofit.evaluation import load_eval_set
 from retrofit.recipes.schema import EvalSection
-from retrofit.tasks import DATA_DIR, IGNORE_INDEX, TASKS, get_task
+from retrofit.tasks import DATA_DIR, GENERATED_TASKS, IGNORE_INDEX, TASKS, get_task
 
 QWEN_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "jet-nemotron"
 SMALL_GSM = {"min_tokens": 120, "max_tokens": 400, "window": 64}
@@ -34,8 +34,9 @@ def _supervised_positions(example):
 
 
 def test_registry():
-    assert TASKS == ("rule110", "depo", "gsm_infinite")
-    with pytest.raises(ValueError, match=r"'nope'.*rule110, depo, gsm_infinite"):
+    assert GENERATED_TASKS == ("rule110", "depo", "gsm_infinite")
+    assert (*GENERATED_TASKS, "text", "qa", "chat") == TASKS
+    with pytest.raises(ValueError, match=r"'nope'.*rule110, depo, gsm_infinite, text, qa, chat"):
         get_task("nope")
     with pytest.raises(ValueError):
         get_task("rule110", steps=0)
@@ -45,7 +46,7 @@ def test_registry():
         get_task("gsm_infinite", min_tokens=400, max_tokens=400)
 
 
-@pytest.mark.parametrize("name", TASKS)
+@pytest.mark.parametrize("name", GENERATED_TASKS)
 def test_streams_are_deterministic_and_split_apart(name):
     task = get_task(name, **OPTIONS[name])
     first = _take(task.stream(seed=3), 4)
@@ -54,7 +55,7 @@ def test_streams_are_deterministic_and_split_apart(name):
         assert all(a["input_ids"] != b["input_ids"] for a, b in zip(first, other, strict=True))
 
 
-@pytest.mark.parametrize("name", TASKS)
+@pytest.mark.parametrize("name", GENERATED_TASKS)
 def test_example_format(name):
     task = get_task(name, **OPTIONS[name])
     pad = task.tokenizer.pad_token_id
@@ -274,7 +275,7 @@ def test_gsm_with_model_tokenizer():
 # ---------------------------------------------------------------- tokenizers, datasets, frozen files, scoring
 
 
-@pytest.mark.parametrize("name", TASKS)
+@pytest.mark.parametrize("name", GENERATED_TASKS)
 def test_tokenizer_round_trip(name, tmp_path):
     task = get_task(name, **OPTIONS[name])
     task.tokenizer.save_pretrained(tmp_path)
@@ -288,7 +289,7 @@ def test_tokenizer_round_trip(name, tmp_path):
     assert saved.get_vocab() == task.tokenizer.get_vocab()
 
 
-@pytest.mark.parametrize("name", TASKS)
+@pytest.mark.parametrize("name", GENERATED_TASKS)
 def test_frozen_eval_matches_generator(name):
     spec_file = json.loads((DATA_DIR / name / "spec.json").read_text())
     frozen = get_task(name).frozen_eval
@@ -309,7 +310,7 @@ def test_frozen_eval_keeps_the_trained_difficulties():
     assert set(loaded["difficulty"]) == {32} and len(loaded) == 256
 
 
-@pytest.mark.parametrize("name", TASKS)
+@pytest.mark.parametrize("name", GENERATED_TASKS)
 def test_datasets_conversion(name):
     task = get_task(name, **OPTIONS[name])
     expected = _take(task.stream(seed=7), 3)

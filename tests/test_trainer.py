@@ -194,7 +194,7 @@ def test_combined_optimizer_state_round_trips_and_the_schedule_drives_both(tmp_p
     section = OptimizerSection(warmup_steps=2, schedule="linear")
     optimizer = build_optimizer(model, section)
     scheduler = build_scheduler(optimizer, section, max_steps=10)
-    batch = micro_batch(resolved.task, 0, 0, range(2), 0)
+    batch = micro_batch(resolved.task, 0, 0, range(2), 0, 2)
     model(**batch).loss.backward()
     optimizer.step()
     scheduler.step()
@@ -218,11 +218,11 @@ def test_schedule_warms_up_then_decays_to_the_floor(schedule):
 
 def test_batches_depend_only_on_seed_and_step():
     task = get_task("rule110", steps_choices=[1, 2])
-    whole = micro_batch(task, 3, 7, range(8), 0)
+    whole = micro_batch(task, 3, 7, range(8), 0, 8)
     # Two processes with two accumulation micro-steps of 2 examples cover the same global batch.
-    parts = [micro_batch(task, 3, 7, micro_batch_indices(m, r, 2, 2), 0) for m in range(2) for r in range(2)]
+    parts = [micro_batch(task, 3, 7, micro_batch_indices(m, r, 2, 2), 0, 8) for m in range(2) for r in range(2)]
     assert torch.equal(torch.cat([p["input_ids"] for p in parts]), whole["input_ids"])
-    assert not torch.equal(micro_batch(task, 3, 8, range(8), 0)["input_ids"], whole["input_ids"])
+    assert not torch.equal(micro_batch(task, 3, 8, range(8), 0, 8)["input_ids"], whole["input_ids"])
 
 
 def test_prefetched_batches_are_each_process_s_micro_batches_in_training_order():
@@ -231,7 +231,7 @@ def test_prefetched_batches_are_each_process_s_micro_batches_in_training_order()
     rng_before = torch.get_rng_state()
     got = list(prefetched(StepBatches(task, 3, range(5, 7), 2, 1, 2, 2, 0), pin_memory=False))
     assert torch.equal(torch.get_rng_state(), rng_before)  # a resumed run's random state is left as it was
-    want = [micro_batch(task, 3, s, micro_batch_indices(m, 1, 2, 2), 0) for s in (5, 6) for m in range(2)]
+    want = [micro_batch(task, 3, s, micro_batch_indices(m, 1, 2, 2), 0, 8) for s in (5, 6) for m in range(2)]
     assert len(got) == len(want) == 4
     for g, w in zip(got, want, strict=True):
         assert g.keys() == w.keys() and all(torch.equal(g[k], w[k]) for k in w)

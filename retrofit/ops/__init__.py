@@ -5,8 +5,17 @@ one runs. `retrofit.ops.naive` holds loop-by-loop references of the same ops for
 """
 
 from retrofit.ops.conv import short_conv
+from retrofit.ops.cross_entropy import head_cross_entropy
 from retrofit.ops.dynamic_conv import dynamic_conv
 from retrofit.ops.gated_delta_rule import gated_delta_rule, ops_backend, training_kernels
 from retrofit.ops.norm import gated_rms_norm
 
-__all__ = ["dynamic_conv", "gated_delta_rule", "gated_rms_norm", "ops_backend", "short_conv", "training_kernels"]
+__all__ = [
+    "dynamic_conv",
+    "gated_delta_rule",
+    "gated_rms_norm",
+    "head_cross_entropy",
+    "ops_backend",
+    "short_conv",
+    "training_kernels",
+]

@@ -26,7 +26,7 @@ import retrofit  # noqa: F401  (registers the model families with AutoConfig)
 from retrofit.config import SleepConfig, SleepConfigError
 from retrofit.recipes.loader import RecipeError
 from retrofit.recipes.schema import Recipe
-from retrofit.tasks import Task, get_task
+from retrofit.tasks import DATA_TASKS, Task, get_task
 
 DEFAULT_MODEL_TYPE = "sleep_hybrid"
 
@@ -73,10 +73,12 @@ def resolve(recipe: Recipe) -> ResolvedRecipe:
             "LoRA adapts pretrained weights, and model.config builds a random model: load a checkpoint with "
             "model.pretrained, or remove adapter to train every parameter",
         )
-    task = _task(recipe.task.name, recipe.task.options, "task.options")
-    eval_task = _task(recipe.task.name, {**recipe.task.options, **recipe.eval.task_options}, "eval.task_options")
+    options = _task_options(recipe)
+    task = _task(recipe.task.name, options, "task.options")
+    eval_options = {**options, **recipe.eval.task_options}
+    eval_task = task if eval_options == options else _task(recipe.task.name, eval_options, "eval.task_options")
     sleep = sleep_config(recipe.sleep, task.window)
-    if recipe.eval.source == "frozen":
+    if recipe.eval.source == "frozen" and not eval_task.has_held_out:
         _check_frozen_eval(recipe, eval_task)
     model_config = _model_config(recipe, len(task.tokenizer))
     # the blocks the engine sees: the layers, plus what a family inserts when it retrofits (Ouro's Jet mixers)
@@ -193,6 +195,19 @@ def _stages(
     return tuple(stages)
 
 
+def _task_options(recipe: Recipe) -> dict[str, Any]:
+    """The task's options; a task over a user's data reads them with the model's tokenizer unless it names one."""
+    options = dict(recipe.task.options)
+    if recipe.task.name in DATA_TASKS and "tokenizer" not in options:
+        if recipe.model.pretrained is None:
+            raise RecipeError(
+                "task.options.tokenizer",
+                "is required when the model is built from scratch (model.config); name a tokenizer folder or Hub id",
+            )
+        options["tokenizer"] = recipe.model.pretrained
+    return options
+
+
 def _task(name: str, options: dict[str, Any], key: str) -> Task:
     try:
         return get_task(name, **options)
@@ -206,7 +221,8 @@ def _model_config(recipe: Recipe, vocab: int) -> PreTrainedConfig:
     section = recipe.model
     if section.pretrained is not None:
         try:
-            config = AutoConfig.from_pretrained(section.pretrained, revision=section.revision)
+            # An image-text checkpoint (Qwen3.5's) is trained and overridden through its text stack's config.
+            config = AutoConfig.from_pretrained(section.pretrained, revision=section.revision).get_text_config()
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RecipeError(

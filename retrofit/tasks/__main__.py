@@ -13,7 +13,7 @@ import json
 import random
 from typing import Any
 
-from . import DATA_DIR, TASKS, export_frozen_eval, get_task
+from . import DATA_DIR, GENERATED_TASKS, export_frozen_eval, get_task
 
 
 def _parse_sets(pairs: list[str]) -> dict[str, Any]:
@@ -36,12 +36,14 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     export = sub.add_parser("export", help="write frozen eval sets (JSONL records) and local tokenizers")
     export.add_argument("--out", default=str(DATA_DIR), help="output folder (default: the repository's data/)")
-    export.add_argument("--task", action="append", choices=TASKS, help="task to export (repeatable; default: all)")
+    export.add_argument(
+        "--task", action="append", choices=GENERATED_TASKS, help="task to export (repeatable; default: all)"
+    )
     export.add_argument("--num-per-difficulty", type=int, help="examples per difficulty (default: the frozen spec)")
     export.add_argument("--seed", type=int, help="seed of the eval streams (default: the frozen spec)")
     export.add_argument("--set", action="append", default=[], help="task option key=value, replacing the frozen ones")
     show = sub.add_parser("show", help="print one example as text")
-    show.add_argument("task", choices=TASKS)
+    show.add_argument("task", choices=GENERATED_TASKS)
     show.add_argument("--difficulty", type=int)
     show.add_argument("--seed", type=int, default=0)
     show.add_argument("--set", action="append", default=[], help="task option key=value")
@@ -57,7 +59,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         options = _parse_sets(args.set) or None
         if options and not args.task:
             parser.error("--set gives the options of one task: name it with --task")
-        for name in args.task or TASKS:
+        for name in args.task or GENERATED_TASKS:
             path = export_frozen_eval(
                 name, args.out, options=options, num_per_difficulty=args.num_per_difficulty, seed=args.seed
             )

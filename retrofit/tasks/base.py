@@ -98,6 +98,10 @@ class Task(abc.ABC):
     # Options that shape every example of a bucket (not only which buckets there are): a frozen set measures this
     # task only where they equal the generating task's. Each is also the name of the attribute holding its value.
     frozen_eval_fixed: ClassVar[tuple[str, ...]] = ()
+    # A task over a user's data evaluates on its own held-out split (`held_out`), not on a frozen or generated set.
+    has_held_out: ClassVar[bool] = False
+    # Whether exact match of all supervised tokens means something (not for `text`, whose every token is supervised).
+    scores_exact_match: ClassVar[bool] = True
     window: int
 
     @property
@@ -132,6 +136,15 @@ class Task(abc.ABC):
     def example(self, rng: random.Random, difficulty: int | None = None) -> Example:
         """Draw one encoded example; `difficulty=None` samples from the training distribution."""
         return self.encode(self.sample(rng, difficulty))
+
+    def train_example(self, seed: int, step: int, index: int, batch_size: int) -> Example:
+        """Example `index` of the global batch of optimizer step `step`: drawn by its own generator, seeded with
+        (task, seed, step, index), so the data a step sees depends on nothing else."""
+        return self.example(random.Random(f"{self.name}/{seed}/train/step{step}/example{index}"))
+
+    def held_out(self) -> datasets.Dataset:
+        """The held-out split of a task over a user's data (`has_held_out`)."""
+        raise NotImplementedError(f"{self.name} generates its evaluation examples")
 
     def _rng(self, seed: int, split: str, difficulty: int | None = None) -> random.Random:
         """The random generator of one stream; its seed mixes task, seed, split and difficulty, so streams differ."""

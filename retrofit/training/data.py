@@ -1,13 +1,13 @@
 """Training batches as a pure function of (seed, step): resuming needs only the step number.
 
-Example `i` of the global batch of step `s` is drawn by its own generator seeded with (task, seed, s, i). So the
-data order is the same for every run with the same seed, whatever the number of processes, the micro-batch size
-or the number of sleep passes, and a resumed run sees exactly the batches it would have seen.
+Example `i` of the global batch of step `s` is `task.train_example(seed, s, i, batch_size)`: a generator draws it with
+its own generator seeded with (task, seed, s, i), a data task takes it from its seeded epoch order. So the data order
+is the same for every run with the same seed, whatever the number of processes, the micro-batch size or the number
+of sleep passes, and a resumed run sees exactly the batches it would have seen.
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -20,14 +20,11 @@ from retrofit.tasks import IGNORE_INDEX, Example, Task
 WORKER_TIMEOUT_S = 600  # one micro-batch takes milliseconds to make; a worker this late is stuck
 
 
-def example_rng(task: Task, seed: int, step: int, index: int) -> random.Random:
-    """The generator of example `index` of the global batch of optimizer step `step`."""
-    return random.Random(f"{task.name}/{seed}/train/step{step}/example{index}")
-
-
-def micro_batch(task: Task, seed: int, step: int, indices: range, pad_token_id: int) -> dict[str, Tensor]:
-    """The examples `indices` of step `step`'s global batch, collated."""
-    return collate([task.example(example_rng(task, seed, step, i)) for i in indices], pad_token_id)
+def micro_batch(
+    task: Task, seed: int, step: int, indices: range, pad_token_id: int, batch_size: int
+) -> dict[str, Tensor]:
+    """The examples `indices` of step `step`'s global batch (of `batch_size` examples), collated."""
+    return collate([task.train_example(seed, step, i, batch_size) for i in indices], pad_token_id)
 
 
 def micro_batch_indices(micro_step: int, process: int, num_processes: int, size: int) -> range:
@@ -44,12 +41,13 @@ class StepBatches(IterableDataset):
     ) -> None:
         self.task, self.seed, self.steps, self.accum = task, seed, steps, accum
         self.process, self.num_processes, self.size, self.pad = process, num_processes, size, pad
+        self.batch_size = accum * num_processes * size
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         for step in self.steps:
             for micro in range(self.accum):
                 indices = micro_batch_indices(micro, self.process, self.num_processes, self.size)
-                yield micro_batch(self.task, self.seed, step, indices, self.pad)
+                yield micro_batch(self.task, self.seed, step, indices, self.pad, self.batch_size)
 
 
 def prefetched(batches: StepBatches, *, pin_memory: bool) -> Iterator[dict[str, Tensor]]:

@@ -30,7 +30,7 @@ def load_pretrained(
 ) -> PreTrainedModel:
     """The checkpoint `name` (a path or Hub id) with `overrides` applied to its config, as explained above."""
     overrides = dict(overrides or {})
-    config = AutoConfig.from_pretrained(name, revision=revision)
+    config = AutoConfig.from_pretrained(name, revision=revision).get_text_config()  # an image-text checkpoint's LM
     after_loading = {k: v for k, v in overrides.items() if k in getattr(config, "retrofit_fields", ())}
     for key, value in overrides.items():
         if key not in after_loading:

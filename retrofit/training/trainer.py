@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from retrofit.evaluation import EvalResult, evaluate, format_table, load_eval_set, load_result, write_report
 from retrofit.optim import build_optimizer, build_scheduler
 from retrofit.recipes import LoadedRecipe, Recipe, ResolvedRecipe, ResolvedStage, dump_recipe, resolve
+from retrofit.tasks import DataTask
 from retrofit.training.build import ModelSummary, build_model, describe_passes
 from retrofit.training.checkpoint import (
     ADAPTER_DIR,
@@ -142,7 +143,7 @@ def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = 
         """Evaluate the model now; log the scalars and write this step's eval JSON."""
         result = evaluate(
             model, eval_set, task=resolved.eval_task, step=state.step, batch_size=recipe.eval.batch_size,
-            accelerator=accelerator,
+            accelerator=accelerator, window=resolved.sleep.window,
         )  # fmt: skip
         _log_eval(accelerator, result, output_dir)
         return result
@@ -277,7 +278,14 @@ def dry_run(loaded: LoadedRecipe) -> DryRunReport:
     scheduler = build_scheduler(optimizer, recipe.optimizer, recipe.train.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     load_eval_set(recipe.eval, resolved.eval_task, resolved.sleep.window)
-    batch = micro_batch(resolved.task, recipe.seed, 0, range(DRY_RUN_EXAMPLES), resolved.task.tokenizer.pad_token_id)
+    batch = micro_batch(
+        resolved.task,
+        recipe.seed,
+        0,
+        range(DRY_RUN_EXAMPLES),
+        resolved.task.tokenizer.pad_token_id,
+        recipe.train.batch_size,
+    )
     losses, stage_lines = [], []
     for stage in resolved.stages:
         unwrapped = accelerator.unwrap_model(model)
@@ -316,6 +324,15 @@ def _print_plan(accelerator: Accelerator, resolved: ResolvedRecipe, model: torch
         f"({processes} process(es) x {recipe.micro_batch_size(processes)} x {accum} accumulation); "
         f"{describe_passes(resolved.sleep, resolved.task.seq_len)}; output {recipe.output_dir}"
     )
+    task = resolved.task
+    if isinstance(task, DataTask):
+        grouped = task.padding_fraction(recipe.seed, recipe.train.batch_size, recipe.micro_batch_size(processes))
+        accelerator.print(
+            f"data: {len(task.train_set):,} training and {len(task.eval_set):,} held-out examples; "
+            f"{task.epoch_length(recipe.train.batch_size) / recipe.train.batch_size:,.0f} steps per epoch; "
+            f"padding {grouped:.1%} of the tokens"
+            + ("" if task.group_by_length else " (task.options.group_by_length: true would lower it)")
+        )
 
 
 def _log_eval(accelerator: Accelerator, result: EvalResult, output_dir: Path) -> None:
