@@ -104,20 +104,6 @@ def chunk_bounds(length: int, window: int) -> list[tuple[int, int]]:
     return [(s, min(s + window, length)) for s in range(0, length, window)]
 
 
-def chunk_label_counts(targets: Tensor | None, bounds: Sequence[tuple[int, int]]) -> Tensor:
-    """`[chunks]` int64: the loss tokens in each chunk (all rows of the batch together)."""
-    if targets is None:
-        return torch.zeros(len(bounds), dtype=torch.long)
-    supervised = targets != IGNORE_INDEX
-    return torch.stack([supervised[:, s:e].sum() for s, e in bounds])
-
-
-def chunks_with_loss(targets: Tensor | None, bounds: Sequence[tuple[int, int]]) -> Tensor:
-    """`[chunks]` bool: whether each chunk holds a loss token, which decides its wake/sleep plan (and so which
-    modules run: under ZeRO-3 every process must agree on it)."""
-    return chunk_label_counts(targets, bounds) > 0
-
-
 def _select_rows(rows: Tensor, chosen: BlockState, other: BlockState) -> BlockState:
     """`chosen`'s state in the batch rows `rows` (`[B]` bool), `other`'s in the rest."""
     if chosen is None or other is None or chosen is other:

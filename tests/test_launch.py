@@ -446,13 +446,13 @@ def test_zero3_pads_every_process_to_the_longest_batch_without_changing_the_loss
 def test_zero3_refuses_a_batch_whose_sleep_plan_differs_between_processes(tiny):
     _, batch, resolved = tiny
     plan = distributed.chunks_with_loss(batch, resolved.sleep.window)
-    assert plan.tolist() == [0, 0, 0, 0, 1]  # Rule 110: 4 strings of context, the answers in the last chunk
+    assert plan.tolist() == [0, 0, 0, 0, 2]  # Rule 110: 4 strings of context, every row's answers in the last chunk
     length = torch.tensor([batch["input_ids"].shape[1]])
-    answers = iter([length, 1 - plan])  # the other process: same length, the other chunks supervised
+    answers = iter([length, 2 - plan])  # the other process: same length, the other chunks supervised
     accelerator = fake_accelerator(3, gather=lambda t: torch.cat([t, next(answers).reshape(t.shape)]))
     with pytest.raises(RecipeError) as info:
         distributed.align_sleep_plan(accelerator, batch, resolved.sleep.window, 0)
-    assert info.value.key == "launch" and "process 1: [1, 1, 1, 1, 0]" in info.value.message
+    assert info.value.key == "launch" and "process 1: [2, 2, 2, 2, 0]" in info.value.message
 
 
 def test_outside_zero3_batches_are_left_alone(tiny):

@@ -12,10 +12,12 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     OlmoHybridConfig,
     Qwen3_5MoeTextConfig,
@@ -252,3 +254,56 @@ def test_a_published_image_text_checkpoint_sleeps_through_its_text_stack(tmp_pat
     apply_sleep(model, SleepConfig(window=16, passes=1))
     with torch.no_grad():
         assert (model(ids, return_logits=True).logits - reference).abs().max() < TOLERANCES[torch.float64][0]
+
+
+PUBLISHED = Path(__file__).resolve().parents[1] / "benchmarks" / "configs"
+
+
+@pytest.mark.parametrize(("size", "text_parameters"), [("0.8b", None), ("2b", 1_881_825_088)])
+def test_the_reconstructed_qwen3_5_configs_build_the_published_text_stack(size, text_parameters, tmp_path):
+    """benchmarks/configs/qwen3.5-*.json (sources in its README): transformers builds the text stack of the image-text
+    config; the 2B's parameter count is the published safetensors total less its MTP layer and vision tower. The
+    default loop range takes whole 3+1 periods around the middle half, and LoRA's defaults reach every GDN
+    projection."""
+    (tmp_path / "config.json").write_text((PUBLISHED / f"qwen3.5-{size}.json").read_text())
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path))
+    count = sum(p.numel() for p in model.parameters())
+    if text_parameters is not None:
+        assert count == text_parameters
+    else:
+        assert 0.70e9 < count < 0.80e9  # "0.8B" counts the vision tower too
+    apply_sleep(model, SleepConfig(window=2000, passes=4))
+    assert model.default_loop_range() == (4, 20)
+    gdn = {"in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"}
+    assert gdn <= set(model.default_lora_targets)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_qwen3_5_2b_shape_trains_at_n_1_and_4_with_memory_flat_in_n_under_pass_checkpointing(tmp_path):
+    """The published Qwen3.5-2B text stack (random init, bf16, fla): one forward+backward of T = 4000 under L = 2000,
+    hard eviction, `checkpointing: pass`, at N = 1 and N = 4. Every parameter gets a finite gradient, and the peak
+    memory at N = 4 stays within 10% of N = 1's. Prints step time and peak memory."""
+    from tests.helpers import timed_gpu_training_step
+
+    (tmp_path / "config.json").write_text((PUBLISHED / "qwen3.5-2b.json").read_text())
+    config = AutoConfig.from_pretrained(tmp_path)
+    peaks = {}
+    for passes in (1, 4):
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        apply_sleep(model, SleepConfig(window=2000, passes=passes, eviction="hard", checkpointing="pass"))
+        model.train()
+        ids = torch.randint(0, 248320, (1, 4000), device="cuda")
+        labels = ids.clone()
+        labels[:, :2000] = -100  # supervise the second chunk, after a sleep
+        loss, elapsed, peaks[passes] = timed_gpu_training_step(model, ids, labels)
+        assert torch.isfinite(loss)
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+        print(f"\nQwen3.5-2B shape, N={passes}, L=2000, T=4000, pass checkpointing: {elapsed:.2f} s, "
+              f"peak {peaks[passes]:.1f} GiB")  # fmt: skip
+        del model
+        torch.cuda.empty_cache()
+    assert peaks[4] <= 1.10 * peaks[1]

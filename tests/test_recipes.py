@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from retrofit.cli import main
 from retrofit.recipes import RecipeError, load_recipe, resolve
+from retrofit.tasks import DATA_TASKS
 from tests.helpers import minimal_recipe as minimal
 
 REPO = Path(__file__).resolve().parents[1]
@@ -473,6 +474,7 @@ PRETRAINED = {
     # Qwen3.5 Base checkpoints: the published config reconstructed in benchmarks/configs/, read by transformers'
     # own Qwen3.5 classes; the Qwen2 tokenizer fixture stands in for Qwen3.5's (whose vocabulary covers it).
     "Qwen/Qwen3.5-0.8B-Base": StandIn(_published_qwen3_5("0.8b"), str(JET), QWEN3_5_SHRINK),
+    "Qwen/Qwen3.5-2B-Base": StandIn(_published_qwen3_5("2b"), str(JET), QWEN3_5_SHRINK),
     "ByteDance/Ouro-1.4B": StandIn(
         _tiny_ouro,
         None,
@@ -510,11 +512,33 @@ def stand_in(recipe: Path, tmp_path: Path, *, build: bool) -> list[str]:
             setattr(config.get_text_config(), key, value)  # an image-text checkpoint shrinks its text stack
         AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     overrides = [*cpu, f"model.pretrained={folder}", *spec.sets]
-    if recipe_obj.task.options.get("tokenizer") == model.pretrained:
+    tokenizer = recipe_obj.task.options.get("tokenizer")
+    if tokenizer == model.pretrained or (tokenizer is None and recipe_obj.task.name in DATA_TASKS):
         overrides.append(f"task.options.tokenizer={spec.tokenizer or 'null'}")
     if build and recipe_obj.task.name == "gsm_infinite":
         overrides += SHORT_GSM
+    options = recipe_obj.task.options
+    if recipe_obj.task.name == "qa" and not Path(options["path"]).exists():  # a Hub dataset: local records alike
+        overrides += [f"task.options.path={_qa_stand_in(tmp_path, options)}", "task.options.eval_split=null"]
     return overrides
+
+
+def _qa_stand_in(tmp_path: Path, options: dict) -> Path:
+    """Records with the fields a `qa` recipe names (a dotted field nested, as SQuAD's `answers.text`)."""
+
+    def nested(field: str, value: object) -> dict:
+        head, _, rest = field.partition(".")
+        return {head: nested(rest, [value]) if rest else value}
+
+    path = tmp_path / "qa-stand-in.jsonl"
+    records = [
+        nested(options["context_field"], f"The code of box {i} is {i + 3}.")
+        | nested(options["question_field"], f"What is the code of box {i}?")
+        | nested(options["answer_field"], str(i + 3))
+        for i in range(80)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)

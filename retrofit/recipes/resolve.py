@@ -26,7 +26,7 @@ import retrofit  # noqa: F401  (registers the model families with AutoConfig)
 from retrofit.config import SleepConfig, SleepConfigError
 from retrofit.recipes.loader import RecipeError
 from retrofit.recipes.schema import Recipe
-from retrofit.tasks import DATA_TASKS, Task, get_task
+from retrofit.tasks import DATA_TASKS, DataTask, Task, get_task
 
 DEFAULT_MODEL_TYPE = "sleep_hybrid"
 
@@ -77,6 +77,11 @@ def resolve(recipe: Recipe) -> ResolvedRecipe:
     task = _task(recipe.task.name, options, "task.options")
     eval_options = {**options, **recipe.eval.task_options}
     eval_task = task if eval_options == options else _task(recipe.task.name, eval_options, "eval.task_options")
+    if isinstance(task, DataTask):
+        try:
+            task.epoch_length(recipe.train.batch_size)
+        except ValueError as exc:
+            raise RecipeError("train.batch_size", str(exc)) from None
     sleep = sleep_config(recipe.sleep, task.window)
     if recipe.eval.source == "frozen" and not eval_task.has_held_out:
         _check_frozen_eval(recipe, eval_task)

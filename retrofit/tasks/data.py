@@ -42,11 +42,13 @@ class DataTask(Task):
         split: str | None = None,
         eval_fraction: float = 0.1,
         eval_split: str | None = None,
+        max_eval_examples: int | None = None,
         difficulty_field: str | None = None,
         group_by_length: bool = True,
     ) -> None:
         """`path`: a file, a folder or a Hub dataset (its `split`, default "train"); `eval_fraction` of the records
-        (or the Hub split `eval_split`) are held out; `difficulty_field`: an integer field that buckets evaluation."""
+        (or the Hub split `eval_split`) are held out, at most `max_eval_examples` of them (a seeded choice);
+        `difficulty_field`: an integer field that buckets evaluation."""
         check_int(seq_len, 2, None, "seq_len")
         if not 0 < eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction!r}")
@@ -60,6 +62,10 @@ class DataTask(Task):
         else:
             held = records.train_test_split(test_size=eval_fraction, seed=HELD_OUT_SEED)
             train_records, eval_records = held["train"], held["test"]
+        if max_eval_examples is not None and len(eval_records) > check_int(
+            max_eval_examples, 1, None, "max_eval_examples"
+        ):
+            eval_records = eval_records.shuffle(seed=HELD_OUT_SEED).select(range(max_eval_examples))
         self.train_set, self.eval_set = self._tokenize(train_records), self._tokenize(eval_records)
         if len(self.train_set) == 0 or len(self.eval_set) == 0:
             raise ValueError(f"{path}: too few records for a training and an evaluation split")
@@ -191,8 +197,14 @@ class DataTask(Task):
         return check_int(record[self.difficulty_field], 0, None, self.difficulty_field)
 
     def text_field(self, record: dict[str, Any], field: str, option: str) -> str:
-        """`record[field]`, a non-empty string; `ValueError` naming the field and the option that chose it."""
-        value = record.get(field)
+        """`record[field]`, a non-empty string; `ValueError` naming the field and the option that chose it.
+
+        A dotted field reads a nested one ("answers.text"); a list of strings gives its first (SQuAD's answers)."""
+        value: Any = record
+        for part in field.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            value = value[0]
         if value is None:
             raise ValueError(f"no field {field!r} (task.options.{option})")
         if not isinstance(value, str):

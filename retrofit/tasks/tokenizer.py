@@ -69,6 +69,11 @@ def load_tokenizer(tokenizer: TokenizerLike) -> PreTrainedTokenizerBase:
     A tokenizer without a pad token gets its EOS token as pad token (set on the object), since the collator needs one.
     """
     tok = tokenizer if isinstance(tokenizer, PreTrainedTokenizerBase) else AutoTokenizer.from_pretrained(tokenizer)
+    if len(tok) < 2:  # transformers 5 builds an empty tokenizer from a folder without tokenizer files
+        raise ValueError(
+            f"tokenizer {str(tokenizer)!r} has no vocabulary (no tokenizer.json or vocabulary files there); "
+            "name a folder or Hub id that holds the tokenizer"
+        )
     if tok.pad_token_id is None:
         if tok.eos_token is None:
             raise ValueError(f"tokenizer {tok.name_or_path!r} has neither a pad token nor an EOS token")

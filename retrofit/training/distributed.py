@@ -45,7 +45,6 @@ from accelerate.utils import DistributedType
 from torch import Tensor, nn
 
 from retrofit.engine import chunk_bounds, next_token_targets
-from retrofit.engine import chunks_with_loss as chunks_with_loss_in
 from retrofit.launch import check_launch, deepspeed_values, fill_deepspeed_config
 from retrofit.recipes import Recipe, RecipeError
 from retrofit.tasks import IGNORE_INDEX
@@ -164,9 +163,12 @@ def align_sleep_plan(
 
 
 def chunks_with_loss(batch: dict[str, Tensor], window: int) -> Tensor:
-    """`[chunks]` int64: 1 where a chunk of `window` tokens has a loss token (the sleep engine's per-chunk plan)."""
+    """`[chunks]` int64, the sleep engine's per-chunk plan: 0 where no row of a chunk of `window` tokens has a loss
+    token, 1 where some rows have (under `context_only` those wake and the others sleep), 2 where every row has."""
     targets = next_token_targets(batch["labels"], batch["attention_mask"].bool())
-    return chunks_with_loss_in(targets, chunk_bounds(targets.shape[1], window)).long()
+    supervised = targets != IGNORE_INDEX
+    rows = torch.stack([supervised[:, s:e].any(1) for s, e in chunk_bounds(targets.shape[1], window)])
+    return rows.any(1).long() + rows.all(1).long()
 
 
 def pad_batch(batch: dict[str, Tensor], length: int, pad_token_id: int) -> dict[str, Tensor]:
