@@ -9,6 +9,7 @@ whose loss or gradients stop being finite exits with code 3 and keeps its last g
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,8 +18,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from packaging.specifiers import SpecifierSet
 
+EXIT_RUNTIME_ERROR = 1
 EXIT_RECIPE_ERROR = 2
 EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130
 
 ENV_PACKAGES = (
     ("torch", "torch"),
@@ -35,21 +38,47 @@ ENV_PACKAGES = (
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, for every command
+    args = _parser().parse_args([a for a in argv if a != "--debug"])
+    args.debug = debug
     if args.command == "env":
         print(env_report())
         return 0
     from retrofit.recipes import RecipeError
-    from retrofit.training.trainer import TrainingDiverged
+    from retrofit.training.trainer import TrainingDiverged, TrainingInterrupted
 
     try:
         return args.run(args)
     except RecipeError as exc:
+        if args.debug:
+            raise
         print(f"error: {exc.line()}", file=sys.stderr)
         return EXIT_RECIPE_ERROR
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
+    except TrainingInterrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a runtime fault: one line, the traceback only with --debug
+        if args.debug:
+            raise
+        print(f"error: {runtime_error_line(exc)} (rerun with --debug for the traceback)", file=sys.stderr)
+        return EXIT_RUNTIME_ERROR
+
+
+def runtime_error_line(exc: BaseException) -> str:
+    """One line for a runtime fault: the first line of its message, with a hint for the common ones."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return f"the disk is full ({message}); free space or set output_dir on another disk"
+    if isinstance(exc, PermissionError):
+        return f"permission denied ({message}); choose a folder you can write to"
+    return message if isinstance(exc, ValueError | OSError) else f"{type(exc).__name__}: {message}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,7 +88,11 @@ def _parser() -> argparse.ArgumentParser:
     from retrofit.report import add_report_parser
     from retrofit.sweep import add_sweep_parser
 
-    parser = argparse.ArgumentParser(prog="retrofit", description="Retrofit sleep onto SSM/attention hybrid LMs.")
+    parser = argparse.ArgumentParser(
+        prog="retrofit",
+        description="Retrofit sleep onto SSM/attention hybrid LMs. Errors are one line; add --debug to any command "
+        "for the traceback.",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def overrides(p: argparse.ArgumentParser) -> None:

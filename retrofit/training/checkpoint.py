@@ -4,7 +4,9 @@ A checkpoint `OUTPUT_DIR/checkpoints/step_000100/` holds:
 - `model/`: the model in Hugging Face format (`from_pretrained` loads it, sleep config included), or for a run with
   an adapter the adapter folder (`retrofit.lora.save_adapter`; its frozen base is rebuilt from the checkpoint it
   names, so only the trained weights are stored);
-- Accelerate's state: optimizer, LR scheduler and the RNG states of every process;
+- the optimizer, the LR schedule and the random generators of every process, as safetensors and JSON
+  (`retrofit.training.safe_state`): resuming never unpickles, so a doctored checkpoint cannot run code. Under
+  DeepSpeed, the engine's own files (pickles, which DeepSpeed loads itself) hold optimizer and weights instead;
 - `trainer_state.json` (the step; the data position is a function of it) and `recipe.yaml`.
 
 A run killed at any moment leaves either a complete checkpoint or a `.tmp-*` folder, which is ignored and removed
@@ -13,9 +15,13 @@ by the next save.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
+import socket
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +37,9 @@ from transformers.utils import logging as hf_logging
 from retrofit.apply import load_model as load_saved_model
 from retrofit.lora import ADAPTER_WEIGHTS_FILE, is_adapter_dir, load_adapter, save_adapter
 from retrofit.recipes import RecipeError
-from retrofit.training.distributed import gather_state_dict
+from retrofit.training.distributed import gather_state_dict, zero_stage
+from retrofit.training.resume import load_schedule, with_current_hyperparameters
+from retrofit.training.safe_state import load_tree, pickles_in, random_states, save_tree, set_random_states
 
 CHECKPOINTS = "checkpoints"
 EVAL_DIR = "eval"  # one JSON per evaluation during training, `step_NNNNNN.json`
@@ -39,6 +47,8 @@ MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
 STATE_FILE = "trainer_state.json"
 RECIPE_FILE = "recipe.yaml"
+DIVERGED_FILE = "diverged.json"  # in a checkpoint whose weights made a later step's loss non-finite
+LOCK_FILE = ".lock"
 _PREFIX, _TMP = "step_", ".tmp-"
 
 
@@ -63,6 +73,45 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix(_PREFIX)))
 
 
+def good_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints that did not lead to a divergence, oldest first."""
+    return [c for c in list_checkpoints(output_dir) if not (c / DIVERGED_FILE).is_file()]
+
+
+def mark_diverged(output_dir: Path, step: int, loss: float) -> None:
+    """Step `step` (1-based) was not finite: the checkpoints from its starting weights (step - 1) on are bad."""
+    for checkpoint in list_checkpoints(output_dir):
+        if saved_step(checkpoint) >= step - 1:
+            write_atomically(checkpoint / DIVERGED_FILE, json.dumps({"diverged_at_step": step, "loss": loss}) + "\n")
+
+
+@contextlib.contextmanager
+def output_dir_lock(output_dir: Path) -> Iterator[None]:
+    """Hold `output_dir/.lock` while training into it: a second training into the same folder is refused (a
+    `RecipeError` naming the folder) instead of mixing its files with the first one's. The lock goes with the
+    process, so a killed run leaves none behind."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with (output_dir / LOCK_FILE).open("a+") as handle:
+        try:  # a POSIX record lock: held by this process only, not by the data workers it forks
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise RecipeError(
+                "output_dir",
+                f"{output_dir} is in use by a running training ({holder}); wait for it to end, or choose another "
+                "output_dir",
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.lockf(handle, fcntl.LOCK_UN)
+
+
 def register_model_hooks(
     accelerator: Accelerator,
     config_overrides: dict[str, Any] | None = None,
@@ -72,34 +121,59 @@ def register_model_hooks(
     tokenizer beside it, so that a checkpoint's `model/` generates and publishes on its own."""
 
     def save_model(models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
-        state_dict = gather_state_dict(accelerator, models[0])  # on every process: a collective under ZeRO-3
-        if accelerator.is_main_process:
-            model = accelerator.unwrap_model(models[0])
-            save_model_files(model, Path(output_dir) / MODEL_DIR, config_overrides, state_dict)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(Path(output_dir) / MODEL_DIR)
+        save_model_folder(accelerator, models[0], Path(output_dir), config_overrides, tokenizer)
         weights.clear()
 
     def load_model(models: list[nn.Module], input_dir: str) -> None:
-        if not models:  # DeepSpeed: the engine restored the weights from its own checkpoint files
-            return
-        model = accelerator.unwrap_model(models.pop())
-        directory = Path(input_dir) / MODEL_DIR
-        fix = "resume with the recipe that wrote this checkpoint (its copy is in the checkpoint's recipe.yaml)"
-        if isinstance(model, PeftModel):
-            result = set_peft_model_state_dict(model, load_file(directory / ADAPTER_WEIGHTS_FILE))
-            if result.unexpected_keys:
-                unexpected = result.unexpected_keys[0]
-                raise ValueError(f"{directory}: {unexpected} is not a weight of this run's adapter; {fix}")
-            return
-        saved = load_saved_model(directory, dtype=model.dtype)
-        try:
-            model.load_state_dict(saved.state_dict())
-        except RuntimeError as exc:  # torch lists the mismatched keys and shapes
-            raise ValueError(f"{directory} does not fit this run's model; {fix}. {exc}") from None
+        if models:  # else DeepSpeed: the engine restored the weights from its own checkpoint files
+            load_model_folder(accelerator.unwrap_model(models.pop()), Path(input_dir))
 
     accelerator.register_save_state_pre_hook(save_model)
     accelerator.register_load_state_pre_hook(load_model)
+
+
+def save_model_folder(
+    accelerator: Accelerator,
+    model: nn.Module,
+    checkpoint: Path,
+    config_overrides: dict[str, Any] | None,
+    tokenizer: PreTrainedTokenizerBase | None,
+) -> None:
+    """The checkpoint's `model/` folder, with the tokenizer beside the weights (call on every process)."""
+    state_dict = gather_state_dict(accelerator, model)  # on every process: a collective under ZeRO-3
+    if accelerator.is_main_process:
+        save_model_files(accelerator.unwrap_model(model), checkpoint / MODEL_DIR, config_overrides, state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(checkpoint / MODEL_DIR)
+
+
+def load_model_folder(model: nn.Module, checkpoint: Path) -> None:
+    """Load the weights of the checkpoint's `model/` folder into `model` (unwrapped)."""
+    directory = checkpoint / MODEL_DIR
+    fix = "resume with the recipe that wrote this checkpoint (its copy is in the checkpoint's recipe.yaml)"
+    if isinstance(model, PeftModel):
+        result = set_peft_model_state_dict(model, load_file(directory / ADAPTER_WEIGHTS_FILE))
+        if result.unexpected_keys:
+            unexpected = result.unexpected_keys[0]
+            raise ValueError(f"{directory}: {unexpected} is not a weight of this run's adapter; {fix}")
+        return
+    saved = load_saved_model(directory, dtype=model.dtype)
+    try:
+        model.load_state_dict(saved.state_dict())
+    except RuntimeError as exc:  # torch lists the mismatched keys and shapes
+        raise ValueError(f"{directory} does not fit this run's model; {fix}. {exc}") from None
+
+
+@dataclass
+class Trained:
+    """What a checkpoint saves and restores: the prepared model, optimizer and LR schedule, and how to write the
+    model folder (`config_overrides`, `tokenizer`)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    config_overrides: dict[str, Any] | None = None
+    tokenizer: PreTrainedTokenizerBase | None = None
 
 
 def save_model_files(
@@ -132,7 +206,7 @@ def save_pretrained_quietly(
 
 
 def save_checkpoint(
-    accelerator: Accelerator, output_dir: Path, state: TrainerState, recipe_yaml: str, keep: int
+    accelerator: Accelerator, output_dir: Path, state: TrainerState, recipe_yaml: str, keep: int, trained: Trained
 ) -> Path:
     """Save the full training state atomically as `checkpoints/step_NNNNNN`, keeping the newest `keep`."""
     final = checkpoint_dir(output_dir, state.step)
@@ -142,7 +216,14 @@ def save_checkpoint(
             shutil.rmtree(stale)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    if zero_stage(accelerator) is not None:
+        accelerator.save_state(str(tmp))  # DeepSpeed's engine writes its own (sharded) files
+    else:
+        save_model_folder(accelerator, trained.model, tmp, trained.config_overrides, trained.tokenizer)
+        if accelerator.is_main_process:
+            save_tree(trained.optimizer.state_dict(), tmp, "optimizer")
+            save_tree(trained.scheduler.state_dict(), tmp, "scheduler")
+        save_tree(random_states(), tmp, f"random_states_{accelerator.process_index}")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
@@ -157,9 +238,26 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
-    """Restore model, optimizer, scheduler and RNG states from `path`; return the trainer state."""
-    accelerator.load_state(str(path))
+def load_checkpoint(accelerator: Accelerator, path: Path, trained: Trained) -> TrainerState:
+    """Restore model, optimizer, scheduler and RNG states from `path`; return the trainer state. A checkpoint that
+    holds a pickle is refused (`ValueError`) before anything is read, under DeepSpeed too for the files outside the
+    engine's own."""
+    if zero_stage(accelerator) is not None:
+        accelerator.load_state(str(path))
+        return saved_state(path)
+    pickles = pickles_in(path)
+    if pickles:
+        raise ValueError(
+            f"{path} holds {', '.join(pickles)}: a file this toolkit never writes (a pickle, or an older version's "
+            "checkpoint), which loading could run as code; resume from a checkpoint without it"
+        )
+    load_model_folder(accelerator.unwrap_model(trained.model), path)
+    optimizer_state = load_tree(path, "optimizer")
+    trained.optimizer.load_state_dict(with_current_hyperparameters(optimizer_state, trained.optimizer.state_dict()))
+    load_schedule(trained.scheduler, load_tree(path, "scheduler"))
+    rng = path / f"random_states_{accelerator.process_index}.json"
+    if rng.is_file():  # a run resumed on more processes than wrote it draws fresh on the new ones
+        set_random_states(load_tree(path, rng.stem))
     return saved_state(path)
 
 
@@ -238,6 +336,24 @@ def discard_after(output_dir: Path, step: int) -> None:
             result.unlink()
 
 
+@contextlib.contextmanager
+def replaced_atomically(folder: Path) -> Iterator[Path]:
+    """Yield a temporary folder to write; on success it replaces `folder` (a crash leaves the old one, or none)."""
+    partial = folder.with_name(_TMP + folder.name)
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    yield partial
+    _fsync_tree(partial)
+    if folder.exists():
+        old = folder.with_name(_TMP + folder.name + ".old")
+        os.replace(folder, old)
+        os.replace(partial, folder)
+        shutil.rmtree(old)
+    else:
+        os.replace(partial, folder)
+
+
 def write_atomically(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file, so a crash leaves the old file or the new one."""
     tmp = path.with_name(_TMP + path.name)
@@ -260,7 +376,8 @@ def resume_point(resume: str | None, output_dir: Path, *, overwrite: bool) -> Pa
     """
     existing = list_checkpoints(output_dir)
     if resume == "auto":
-        return existing[-1] if existing else None
+        good = good_checkpoints(output_dir)
+        return good[-1] if good else None
     if resume is not None:
         path = Path(resume)
         if not (path / STATE_FILE).is_file():

@@ -12,9 +12,14 @@ precision is bf16 on GPU, fp32 on CPU (`train.precision: auto`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,11 +39,16 @@ from retrofit.training.checkpoint import (
     EVAL_DIR,
     MODEL_DIR,
     RECIPE_FILE,
+    Trained,
     TrainerState,
     checkpoint_dir,
     discard_after,
+    good_checkpoints,
     load_checkpoint,
+    mark_diverged,
+    output_dir_lock,
     register_model_hooks,
+    replaced_atomically,
     resume_point,
     save_checkpoint,
     save_model_files,
@@ -54,8 +64,10 @@ from retrofit.training.distributed import (
     whole_model_init,
     zero_stage,
 )
+from retrofit.training.resume import recipe_changes
 from retrofit.training.stages import check_trainable, describe_stage, enter_stage, stage_at, trainable_names
 
+LOG_FILE = "train.log"
 DRY_RUN_EXAMPLES = 2  # the batch of `retrofit validate --dry-run`'s one step per stage
 
 
@@ -64,11 +76,22 @@ class TrainingDiverged(RuntimeError):
     DeepSpeed, which steps inside the backward)."""
 
 
-def diverged(
-    step: int, loss: float, grad_norm: float, last_checkpoint: Path | None, *, stepped: bool
-) -> TrainingDiverged:
-    """The error a run stops with when step `step` (1-based) is not finite; `stepped`: DeepSpeed already took it."""
-    kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved"
+class TrainingInterrupted(RuntimeError):
+    """SIGINT or SIGTERM stopped the run after a checkpoint of its last step; `exit_code`: 128 + the signal."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def diverged(step: int, loss: float, grad_norm: float, output_dir: Path, *, stepped: bool) -> TrainingDiverged:
+    """The error a run stops with when step `step` (1-based) is not finite; `stepped`: DeepSpeed already took it.
+
+    The checkpoints from the weights that step started from on are marked bad (`mark_diverged`), so the one named
+    here, and the one `--resume auto` takes, is the newest whose weights trained on finitely."""
+    mark_diverged(output_dir, step, loss)
+    good = good_checkpoints(output_dir)
+    kept = f"the last good checkpoint is {good[-1]}" if good else "no good checkpoint was saved"
     stopped = "stopped after DeepSpeed took that step" if stepped else "stopped before that step"
     return TrainingDiverged(
         f"training diverged at step {step}: loss {loss}, grad norm {grad_norm}; {stopped}, {kept}. "
@@ -96,7 +119,40 @@ def make_accelerator(recipe: Recipe, *, trackers: bool) -> Accelerator:
 
 
 def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = False) -> EvalResult:
-    """Train the recipe; return the final evaluation. Raises `RecipeError` or `TrainingDiverged`."""
+    """Train the recipe; return the final evaluation. Raises `RecipeError`, `TrainingDiverged` or
+    `TrainingInterrupted`.
+
+    The first process holds a lock on the output folder for the whole run, and SIGINT/SIGTERM ask the run to stop
+    after its current step, with a checkpoint."""
+    output_dir = Path(loaded.recipe.output_dir)
+    first_process = int(os.environ.get("RANK", "0")) == 0
+    with output_dir_lock(output_dir) if first_process else contextlib.nullcontext(), stop_requests() as stop:
+        return _train(loaded, resume=resume, overwrite=overwrite, stop=stop)
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[list[int]]:
+    """While training, SIGINT and SIGTERM append their number to the yielded list instead of killing the process
+    (a second SIGINT interrupts at once); the previous handlers come back afterwards."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if signum == signal.SIGINT and received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _train(loaded: LoadedRecipe, *, resume: str | None, overwrite: bool, stop: list[int]) -> EvalResult:
     recipe = loaded.recipe
     resolved = resolve(recipe)
     task, train_cfg = resolved.task, recipe.train
@@ -120,12 +176,13 @@ def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = 
     optimizer = build_optimizer(model, recipe.optimizer)
     scheduler = build_scheduler(optimizer, recipe.optimizer, train_cfg.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)  # stepped once per optimizer step, not per process
+    accelerator.register_for_checkpointing(scheduler)  # DeepSpeed's checkpoints: stepped once per optimizer step
     register_model_hooks(accelerator, resolved.config_overrides, task.tokenizer)
+    trained = Trained(model, optimizer, scheduler, resolved.config_overrides, task.tokenizer)
+    log = RunLog(output_dir / LOG_FILE, accelerator)
     state = TrainerState(step=0, tokens_seen=0)
     if resume_from is not None:
-        state = load_checkpoint(accelerator, resume_from)
-        accelerator.print(f"resumed from {resume_from} at step {state.step}")
+        state, resume_from = _resume(accelerator, resume_from, trained, recipe, log, fallback=resume == "auto")
     recipe_yaml = dump_recipe(recipe)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -133,7 +190,7 @@ def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = 
     eval_set = load_eval_set(recipe.eval, resolved.eval_task, resolved.sleep.window)
     history = _eval_history(output_dir, before=state.step)
     accelerator.init_trackers("tensorboard", config=_flat_config(recipe))
-    _print_plan(accelerator, resolved, model, accum)
+    _print_plan(log, accelerator, resolved, model, accum)
 
     pad_id = task.tokenizer.pad_token_id
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -146,17 +203,21 @@ def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = 
             accelerator=accelerator, window=resolved.sleep.window,
         )  # fmt: skip
         _log_eval(accelerator, result, output_dir)
+        log.write(format_table(result))
         return result
 
-    progress = tqdm(total=train_cfg.max_steps, initial=state.step, disable=not accelerator.is_main_process)
+    # tqdm draws on a terminal only (`disable=None`); under nohup or Slurm the log lines below tell the progress
+    progress = tqdm(
+        total=train_cfg.max_steps, initial=state.step, disable=None if accelerator.is_main_process else True
+    )
 
     def enter(new_stage: ResolvedStage) -> ResolvedStage:
         """Make the model train and sleep as `new_stage` says, and tell the user."""
         unwrapped = accelerator.unwrap_model(model)
         enter_stage(unwrapped, new_stage, candidates)
         progress.set_description(new_stage.name)
-        if len(resolved.stages) > 1 and accelerator.is_main_process:
-            progress.write(describe_stage(resolved.stages, new_stage, unwrapped))
+        if len(resolved.stages) > 1:
+            log.say(describe_stage(resolved.stages, new_stage, unwrapped))
         return new_stage
 
     stage = enter(stage_at(resolved.stages, state.step))
@@ -167,7 +228,7 @@ def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = 
         StepBatches(task, recipe.seed, steps, accum, rank, world, micro_size, pad_id),
         pin_memory=accelerator.device.type == "cuda",
     )
-    window_start, window_tokens = time.perf_counter(), 0
+    window_start, window_tokens, window_losses = time.perf_counter(), 0, []
     for step in steps:
         if stage_at(resolved.stages, step) is not stage:
             stage = enter(stage_at(resolved.stages, step))
@@ -184,9 +245,10 @@ def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = 
 
         # ---- watchdog, clip, step
         # one reduction for both: the mean loss over processes, and the tokens all of them saw (lengths vary)
-        totals = torch.stack([loss_sum.double(), torch.tensor(tokens, dtype=torch.float64, device=loss_sum.device)])
-        totals = accelerator.reduce(totals, reduction="sum").tolist()
-        loss_value, tokens = totals[0] / world, int(totals[1])
+        # ... and whether a process was asked to stop (SIGINT, SIGTERM): all stop after the same step
+        counts = torch.tensor([tokens, len(stop)], dtype=torch.float64, device=loss_sum.device)
+        totals = accelerator.reduce(torch.cat([loss_sum.double()[None], counts]), reduction="sum").tolist()
+        loss_value, tokens, stopping = totals[0] / world, int(totals[1]), totals[2] > 0
         # DeepSpeed clips (and steps) inside the last backward and reports the norm it saw, if any.
         norm = accelerator.clip_grad_norm_(model.parameters(), recipe.optimizer.grad_clip or math.inf)
         grad_norm = math.nan if norm is None else float(norm)
@@ -194,7 +256,9 @@ def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = 
             progress.close()
             accelerator.end_training()
             stepped = zero_stage(accelerator) is not None
-            raise diverged(step + 1, loss_value, grad_norm, last_checkpoint, stepped=stepped)
+            error = diverged(step + 1, loss_value, grad_norm, output_dir, stepped=stepped)
+            log.write(f"error: {error}")
+            raise error
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -203,11 +267,18 @@ def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = 
 
         # ---- log
         window_tokens += tokens
+        window_losses.append(loss_value)
         progress.update(1)
         if state.step % train_cfg.log_every == 0 or state.step == train_cfg.max_steps:
             elapsed = time.perf_counter() - window_start
             tokens_per_s = window_tokens / max(elapsed, 1e-9)
-            window_start, window_tokens = time.perf_counter(), 0
+            log.write(
+                f"step {state.step}/{train_cfg.max_steps}: loss {sum(window_losses) / len(window_losses):.4f} "
+                f"(mean of {len(window_losses)} steps), lr {lr:.3e}, grad norm {grad_norm:.3f}, "
+                f"{tokens_per_s:,.0f} tokens/s",
+                echo=bool(progress.disable),
+            )
+            window_start, window_tokens, window_losses = time.perf_counter(), 0, []
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
             accelerator.log(
                 {
@@ -223,7 +294,20 @@ def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = 
 
         # ---- checkpoint, evaluate
         if train_cfg.checkpoint_every and state.step % train_cfg.checkpoint_every == 0:
-            last_checkpoint = save_checkpoint(accelerator, output_dir, state, recipe_yaml, train_cfg.keep_checkpoints)
+            last_checkpoint = save_checkpoint(
+                accelerator, output_dir, state, recipe_yaml, train_cfg.keep_checkpoints, trained
+            )
+        if stopping:
+            progress.close()
+            if last_checkpoint != checkpoint_dir(output_dir, state.step):
+                last_checkpoint = save_checkpoint(
+                    accelerator, output_dir, state, recipe_yaml, train_cfg.keep_checkpoints, trained
+                )
+            accelerator.end_training()
+            name = signal.Signals(stop[0]).name if stop else "a signal to another process"
+            message = f"stopped by {name} after step {state.step}; saved {last_checkpoint}; continue with --resume auto"
+            log.write(message)
+            raise TrainingInterrupted(message, 128 + (stop[0] if stop else signal.SIGTERM))
         every = recipe.eval.every_steps
         if every and state.step % every == 0 and state.step < train_cfg.max_steps:
             history.append(evaluate_and_log())
@@ -231,17 +315,18 @@ def train(loaded: LoadedRecipe, *, resume: str | None = None, overwrite: bool = 
 
     # ---- finish: final checkpoint and model, evaluation, report
     if last_checkpoint != checkpoint_dir(output_dir, state.step):
-        save_checkpoint(accelerator, output_dir, state, recipe_yaml, train_cfg.keep_checkpoints)
+        save_checkpoint(accelerator, output_dir, state, recipe_yaml, train_cfg.keep_checkpoints, trained)
     result = evaluate_and_log()
     state_dict = gather_state_dict(accelerator, model)  # on every process: a collective under ZeRO-3
+    final = accelerator.unwrap_model(model)
+    folder = ADAPTER_DIR if isinstance(final, PeftModel) else MODEL_DIR
     if accelerator.is_main_process:
-        final = accelerator.unwrap_model(model)
-        folder = ADAPTER_DIR if isinstance(final, PeftModel) else MODEL_DIR
-        save_model_files(final, output_dir / folder, resolved.config_overrides, state_dict)
-        task.tokenizer.save_pretrained(output_dir / folder)
+        with replaced_atomically(output_dir / folder) as partial:
+            save_model_files(final, partial, resolved.config_overrides, state_dict)
+            task.tokenizer.save_pretrained(partial)
         write_report(result, output_dir, history)
-        accelerator.print(format_table(result))
-        accelerator.print(f"wrote {output_dir}/{{results.json, results.md, results.png, {folder}/}}")
+    log.say(format_table(result))
+    log.say(f"wrote {output_dir}/{{results.json, results.md, results.png, {folder}/, {LOG_FILE}}}")
     accelerator.end_training()
     return result
 
@@ -314,11 +399,60 @@ def dry_run(loaded: LoadedRecipe) -> DryRunReport:
     )
 
 
-def _print_plan(accelerator: Accelerator, resolved: ResolvedRecipe, model: torch.nn.Module, accum: int) -> None:
+class RunLog:
+    """The run's plain-text log (`OUTPUT/train.log`, appended to by a resumed run), written by the first process:
+    the plan, the loss over each logging window, evaluations, resumes, stops and errors, each line timestamped."""
+
+    def __init__(self, path: Path, accelerator: Accelerator) -> None:
+        self.path, self.accelerator = path, accelerator
+
+    def write(self, text: str, *, echo: bool = False) -> None:
+        """Append `text` to the log (and print it with `echo`)."""
+        if not self.accelerator.is_main_process:
+            return
+        if echo:
+            print(text, flush=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        with self.path.open("a") as f:
+            f.writelines(f"{stamp} {line}\n" for line in text.splitlines())
+
+    def say(self, text: str) -> None:
+        """Print `text` and log it."""
+        self.write(text, echo=True)
+
+
+def _resume(
+    accelerator: Accelerator, checkpoint: Path, trained: Trained, recipe: Recipe, log: RunLog, *, fallback: bool
+) -> tuple[TrainerState, Path]:
+    """Load `checkpoint` (with `fallback`, the newest good one that loads, going back from it) after checking the
+    recipe's changes since it was written (`recipe_changes`: refused, or applied and told)."""
+    candidates = [checkpoint]
+    if fallback:
+        candidates += [c for c in reversed(good_checkpoints(checkpoint.parent.parent)) if c != checkpoint]
+    for index, candidate in enumerate(candidates):
+        for change in recipe_changes((candidate / RECIPE_FILE).read_text(), recipe):
+            log.say(change.line())
+        try:
+            state = load_checkpoint(accelerator, candidate, trained)
+        except Exception as exc:  # a corrupt or doctored checkpoint: any reader may fail, in its own way
+            if index + 1 == len(candidates):
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log.say(f"resume: {candidate} cannot be loaded ({first}); trying {candidates[index + 1]}")
+            continue
+        log.say(f"resumed from {candidate} at step {state.step}")
+        return state, candidate
+    raise AssertionError("unreachable: the last candidate raises")
+
+
+def _print_plan(
+    log: RunLog, accelerator: Accelerator, resolved: ResolvedRecipe, model: torch.nn.Module, accum: int
+) -> None:
     recipe = resolved.recipe
     summary = ModelSummary.of(accelerator.unwrap_model(model))
     processes = accelerator.num_processes
-    accelerator.print(
+    log.say(
         f"{recipe.task.name}: {summary.parameters:,} parameters, {summary.blocks} blocks; "
         f"{recipe.train.batch_size} x {resolved.task.seq_len} tokens per step "
         f"({processes} process(es) x {recipe.micro_batch_size(processes)} x {accum} accumulation); "
@@ -327,7 +461,7 @@ def _print_plan(accelerator: Accelerator, resolved: ResolvedRecipe, model: torch
     task = resolved.task
     if isinstance(task, DataTask):
         grouped = task.padding_fraction(recipe.seed, recipe.train.batch_size, recipe.micro_batch_size(processes))
-        accelerator.print(
+        log.say(
             f"data: {len(task.train_set):,} training and {len(task.eval_set):,} held-out examples; "
             f"{task.epoch_length(recipe.train.batch_size) / recipe.train.batch_size:,.0f} steps per epoch; "
             f"padding {grouped:.1%} of the tokens"
