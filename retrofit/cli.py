@@ -13,7 +13,7 @@ import errno
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
     from packaging.specifiers import SpecifierSet
@@ -42,6 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv  # accepted anywhere on the line, for every command
     args = _parser().parse_args([a for a in argv if a != "--debug"])
     args.debug = debug
+    for flag, key in SHORTCUTS.items():  # after the --set's, so a shortcut wins
+        if getattr(args, _dest(flag), None) is not None:
+            args.overrides.append(f"{key}={getattr(args, _dest(flag))}")
     if args.command == "env":
         print(env_report())
         return 0
@@ -71,6 +74,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_RUNTIME_ERROR
 
 
+# Flags that stand for a recipe key, as `--set KEY=VALUE` does.
+SHORTCUTS = {"--max-steps": "train.max_steps", "--output-dir": "output_dir", "--seed": "seed"}
+
+
+def _dest(flag: str) -> str:
+    return "shortcut_" + flag.removeprefix("--").replace("-", "_")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a hint toward `--set` for a flag it does not know (a recipe key, most often)."""
+
+    def error(self, message: str) -> NoReturn:
+        if "unrecognized arguments" in message:
+            message += "; set a recipe key with --set KEY=VALUE (e.g. --set optimizer.adamw.lr=1e-4)"
+        super().error(message)
+
+
 def runtime_error_line(exc: BaseException) -> str:
     """One line for a runtime fault: the first line of its message, with a hint for the common ones."""
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -88,14 +108,14 @@ def _parser() -> argparse.ArgumentParser:
     from retrofit.report import add_report_parser
     from retrofit.sweep import add_sweep_parser
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="retrofit",
         description="Retrofit sleep onto SSM/attention hybrid LMs. Errors are one line; add --debug to any command "
         "for the traceback.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def overrides(p: argparse.ArgumentParser) -> None:
+    def overrides(p: argparse.ArgumentParser, *, shortcuts: bool = True) -> None:
         p.add_argument(
             "--set",
             dest="overrides",
@@ -104,6 +124,8 @@ def _parser() -> argparse.ArgumentParser:
             metavar="KEY.PATH=VALUE",
             help="override a recipe key (value parsed as YAML); repeatable",
         )
+        for flag, key in SHORTCUTS.items() if shortcuts else ():
+            p.add_argument(flag, dest=_dest(flag), metavar="VALUE", help=f"the same as --set {key}=VALUE")
 
     train = commands.add_parser("train", help="train a recipe")
     train.add_argument("recipe", type=Path, help="recipe YAML, or a shipped recipe's name (rule110-tiny)")
@@ -131,7 +153,7 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="evaluate a run, a checkpoint or a saved model by difficulty")
     evaluate.add_argument("path", type=Path, help="run directory, checkpoints/step_* folder or model folder")
-    overrides(evaluate)
+    overrides(evaluate, shortcuts=False)
     evaluate.add_argument("--output-dir", type=Path, help="where to write results.* (default: PATH)")
     evaluate.set_defaults(run=_eval)
 
@@ -213,9 +235,12 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
     from retrofit.evaluation import evaluate, format_table, load_eval_set, write_report
     from retrofit.recipes import RecipeError, load_recipe, resolve
-    from retrofit.training.checkpoint import load_model, locate_saved_model
+    from retrofit.training.checkpoint import load_model, locate_saved_model, write_atomically
     from retrofit.training.trainer import make_accelerator
 
     try:
@@ -226,7 +251,10 @@ def _eval(args: argparse.Namespace) -> int:
     with loaded.attributing_errors():
         resolved = resolve(loaded.recipe)
     accelerator = make_accelerator(loaded.recipe, trackers=False)
-    model = accelerator.prepare(load_model(saved.model))
+    model = load_model(saved.model)
+    for warning in sleep_mismatch(model, resolved.sleep, saved.model):
+        print(f"warning: {warning}", file=sys.stderr)
+    model = accelerator.prepare(model)
     eval_set = load_eval_set(loaded.recipe.eval, resolved.eval_task, resolved.sleep.window)
     result = evaluate(
         model,
@@ -235,13 +263,33 @@ def _eval(args: argparse.Namespace) -> int:
         step=saved.step,
         batch_size=loaded.recipe.eval.batch_size,
         accelerator=accelerator,
+        window=resolved.sleep.window,
     )
     if accelerator.is_main_process:
-        out_dir = args.output_dir or args.path
+        # A folder of its own: a run's results.* stay those of its training.
+        out_dir = args.output_dir or args.path / "evaluations" / f"step_{saved.step:06d}"
         write_report(result, out_dir)
+        record = {"model": str(saved.model), "recipe": str(saved.recipe), "step": saved.step,
+                  "overrides": args.overrides, "sleep": asdict(resolved.sleep), "examples": len(eval_set)}  # fmt: skip
+        write_atomically(out_dir / "evaluated.json", json.dumps(record, indent=2) + "\n")
         print(format_table(result))
-        print(f"wrote {out_dir}/results.{{json,md,png}}")
+        print(f"wrote {out_dir}/{{results.json, results.md, results.png, evaluated.json}}")
     return 0
+
+
+def sleep_mismatch(model: object, expected: object, folder: Path) -> list[str]:
+    """What differs between the loaded model's sleep settings and the recipe's (none: the config lost them)."""
+    actual = getattr(model, "sleep_config", None)
+    if actual is None:
+        return [f"{folder} has no sleep_config in its config.json: it is evaluated without sleep"]
+    from dataclasses import asdict
+
+    have, want = asdict(actual), asdict(expected)
+    return [
+        f"{folder}: sleep_config.{key} is {have[key]!r}, the run's recipe says {want[key]!r}; the model's is used"
+        for key in sorted(want)
+        if have.get(key) != want[key]
+    ]
 
 
 def env_report() -> str:

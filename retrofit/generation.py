@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -295,12 +296,26 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run_generate)
 
 
+def prompt_problem(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str | None:
+    """Why `prompt` cannot be generated from (empty, or with text the vocabulary lacks), or None."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not prompt.strip() or not ids:
+        return "is empty; give the text to continue"
+    unknown = tokenizer.unk_token_id
+    if unknown is not None and unknown in ids:
+        missing = sorted(
+            {c for c in prompt if tokenizer.unk_token_id in tokenizer(c, add_special_tokens=False)["input_ids"]}
+        )
+        shown = ", ".join(repr(c) for c in missing[:5]) or "some text"
+        return f"holds {shown}, which the model's vocabulary lacks (it would read <unk>); rephrase without it"
+    return None
+
+
 def run_generate(args: argparse.Namespace) -> int:
     """Greedy generation from `args.prompt`; prints the continuation. User errors exit 2 with one line."""
-    from transformers import AutoTokenizer
-
     from retrofit.apply import load_model
     from retrofit.lora import is_adapter_dir, load_adapter
+    from retrofit.tasks.tokenizer import load_tokenizer
 
     saved = [args.model_dir / d for d in ("model", "adapter")] + [args.model_dir]
     model_dir = next((d for d in saved if (d / "config.json").is_file() or is_adapter_dir(d)), None)
@@ -319,9 +334,18 @@ def run_generate(args: argparse.Namespace) -> int:
     if getattr(model, "sleep_config", None) is None:
         print(f"error: {model_dir} is not a sleeping model (its config.json has no sleep_config)", file=sys.stderr)
         return 2
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(
+            f"error: --device {args.device}, but this machine has no CUDA device; leave --device out", file=sys.stderr
+        )
+        return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    problem = prompt_problem(tokenizer, args.prompt)
+    if problem:
+        print(f"error: --prompt {problem}", file=sys.stderr)
+        return 2
     inputs = tokenizer(args.prompt, return_tensors="pt", return_token_type_ids=False).to(device)
     cache = SleepCache()
     with torch.no_grad():

@@ -20,11 +20,22 @@ from typing import Any
 
 import yaml
 from huggingface_hub import HfApi
+from transformers.utils import logging as hf_logging
 
 from retrofit.lora import SLEEP_CONFIG_FILE, is_adapter_dir
-from retrofit.training.checkpoint import MODEL_DIR, SavedModel, is_checkpoint, locate_saved_model
+from retrofit.tasks import TASKS, task_class
+from retrofit.tasks.tokenizer import load_tokenizer
+from retrofit.training.checkpoint import MODEL_DIR, SavedModel, is_checkpoint, load_model, locate_saved_model
 
 ARXIV_ID = "2605.26099"
+BIBTEX = """
+@article{lee2026sleep,
+  title   = {Language Models Need Sleep},
+  author  = {Lee, Sangyun and McLeish, Sean and Goldstein, Tom and Fanti, Giulia},
+  journal = {arXiv preprint arXiv:2605.26099},
+  year    = {2026}
+}
+"""
 EVAL_FILES = ("results.md", "results.json", "results.png")
 VERSIONED_PACKAGES = (("torch", "torch"), ("transformers", "transformers"), ("fla", "flash-linear-attention"))
 
@@ -69,9 +80,19 @@ def model_card(run: SavedModel, repo_id: str) -> str:
     else:
         sleep = json.loads((run.model / "config.json").read_text()).get("sleep_config")
     library = "peft" if adapter else "transformers"
-    header: dict[str, Any] = {"library_name": library, "tags": ["sleep-retrofit", "sleep", "linear-attention"]}
+    header: dict[str, Any] = {
+        "library_name": library,
+        "pipeline_tag": "text-generation",
+        # weights from scratch are this toolkit's (Apache-2.0); a retrofitted checkpoint keeps its base model's licence
+        "license": "other" if base else "apache-2.0",
+        "tags": ["sleep-retrofit", "sleep", "linear-attention"],
+    }
     if base:
+        header["license_name"] = "the base model's licence"
+        header["license_link"] = f"https://huggingface.co/{base}"
         header["base_model"] = base
+    task = (recipe.get("task") or {}).get("name", "")
+    difficulty = task_class(task).difficulty_meaning if task in TASKS else "the task's difficulty bucket"
     versions = package_versions()
     eval_md = run.recipe.parent / "results.md"
     lines = [
@@ -93,6 +114,13 @@ def model_card(run: SavedModel, repo_id: str) -> str:
         "",
         "## Usage",
         "",
+        "Loading needs this toolkit (it adds the sleep to transformers' model classes):",
+        "",
+        "```bash",
+        f"pip install sleep-retrofit=={versions['sleep-retrofit']}  # or, in a clone of its repository: "
+        "pip install -e .",
+        "```",
+        "",
         "```python",
         *(_adapter_usage(repo_id) if adapter else _model_usage(repo_id)),
         "```",
@@ -100,6 +128,8 @@ def model_card(run: SavedModel, repo_id: str) -> str:
         "`model.generate(...)` streams with sleep every L tokens; `model.sleep(cache)` consolidates early when idle.",
         "",
         "## Evaluation",
+        "",
+        f'Task `{task}`; "difficulty" is {difficulty}. One forward pass per example, no extra loops at prediction.',
         "",
         eval_md.read_text().strip() if eval_md.is_file() else "No evaluation results were found in the run directory.",
         "",
@@ -113,9 +143,15 @@ def model_card(run: SavedModel, repo_id: str) -> str:
         recipe_text.rstrip(),
         "```",
         "",
+        "## Licence",
+        "",
+        f"The base model's licence ({base}) governs these weights." if base else "Apache-2.0.",
+        "",
         "## Citation",
         "",
-        f"arXiv:{ARXIV_ID}, *Language Models Need Sleep* (Lee, McLeish, Goldstein, Fanti).",
+        "```bibtex",
+        BIBTEX.strip(),
+        "```",
         "",
     ]
     return "\n".join(lines)
@@ -144,6 +180,25 @@ def _adapter_usage(repo_id: str) -> list[str]:
     ]
 
 
+def check_loads(model_dir: Path) -> None:
+    """`PushError` unless the folder loads as users will load it, tokenizer included."""
+    bars_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a progress bar per check would bury the one line that matters
+    try:
+        load_model(model_dir)
+    except Exception as exc:  # any reader may fail, in its own way, on a truncated or mismatched folder
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PushError(f"{model_dir} does not load ({first}); publish a complete model folder") from None
+    finally:
+        if bars_on:
+            hf_logging.enable_progress_bar()
+    try:
+        load_tokenizer(model_dir)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PushError(f"{model_dir} has no usable tokenizer ({first}); save the tokenizer beside the model") from None
+
+
 def build_upload_folder(run_dir: Path, folder: Path, repo_id: str) -> Path:
     """Write everything that would be uploaded for `run_dir` into `folder` (created; must be empty)."""
     run = locate_run(run_dir)
@@ -151,6 +206,7 @@ def build_upload_folder(run_dir: Path, folder: Path, repo_id: str) -> Path:
         raise PushError(f"{run.model} holds .bin weights; publish safetensors only (re-save with save_pretrained)")
     if not list(run.model.glob("*.safetensors")):
         raise PushError(f"{run.model} holds no .safetensors weights")
+    check_loads(run.model)
     folder.mkdir(parents=True, exist_ok=True)
     if any(folder.iterdir()):
         raise PushError(f"{folder} is not empty; give an empty or new --output-dir")

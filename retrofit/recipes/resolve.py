@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import importlib.util
 import re
 import typing
 from dataclasses import dataclass, fields, is_dataclass
@@ -73,6 +74,7 @@ def resolve(recipe: Recipe) -> ResolvedRecipe:
             "LoRA adapts pretrained weights, and model.config builds a random model: load a checkpoint with "
             "model.pretrained, or remove adapter to train every parameter",
         )
+    _check_trackers(recipe)
     options = _task_options(recipe)
     task = _task(recipe.task.name, options, "task.options")
     eval_options = {**options, **recipe.eval.task_options}
@@ -198,6 +200,28 @@ def _stages(
             "(or change the stages' max_steps)",
         )
     return tuple(stages)
+
+
+# The module each tracker of `train.log_with` needs.
+TRACKER_MODULES = {
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "wandb": ("wandb",),
+    "mlflow": ("mlflow",),
+    "comet_ml": ("comet_ml",),
+    "aim": ("aim",),
+    "clearml": ("clearml",),
+    "dvclive": ("dvclive",),
+}
+
+
+def _check_trackers(recipe: Recipe) -> None:
+    """Every tracker of `train.log_with` is installed (accelerate would otherwise drop it and log nothing)."""
+    for tracker in recipe.train.log_with:
+        if not any(importlib.util.find_spec(module) for module in TRACKER_MODULES[tracker]):
+            raise RecipeError(
+                "train.log_with",
+                f"{tracker} is not installed; pip install {TRACKER_MODULES[tracker][0]}, or remove it from the list",
+            )
 
 
 def _task_options(recipe: Recipe) -> dict[str, Any]:

@@ -94,6 +94,9 @@ class TrainSection(Section):
     log_with: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"]] = Field(
         default_factory=lambda: ["tensorboard"]
     )
+    project: str | None = Field(default=None, description="the trackers' project; default: output_dir's folder name")
+    run_name: str | None = Field(default=None, description="the run's name in W&B; default: W&B's own")
+    wandb_entity: str | None = Field(default=None, description="the W&B team or user; default: the logged-in one")
 
     @model_validator(mode="after")
     def _micro_divides_batch(self) -> TrainSection:

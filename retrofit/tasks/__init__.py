@@ -30,6 +30,11 @@ GENERATED_TASKS: tuple[str, ...] = tuple(cls.name for cls in _GENERATORS)
 DATA_TASKS: tuple[str, ...] = ("text", "qa", "chat")
 
 
+def task_class(name: str) -> type[Task]:
+    """The class of the task `name` (one of `TASKS`)."""
+    return _REGISTRY[name]
+
+
 def task_options(name: str) -> list[str]:
     """The keyword options of the task `name` (a data task's include `DataTask`'s)."""
     cls = _REGISTRY[name]
@@ -115,5 +120,6 @@ __all__ = [
     "export_frozen_eval",
     "get_task",
     "load_tokenizer",
+    "task_class",
     "task_options",
 ]

@@ -94,6 +94,8 @@ class Task(abc.ABC):
     """
 
     name: ClassVar[str]
+    # What an evaluation bucket's `difficulty` counts, in words (model cards and reports say it).
+    difficulty_meaning: ClassVar[str] = "the difficulty bucket"
     frozen_eval: ClassVar[FrozenEval]
     # Options that shape every example of a bucket (not only which buckets there are): a frozen set measures this
     # task only where they equal the generating task's. Each is also the name of the attribute holding its value.

@@ -31,6 +31,7 @@ class DataTask(Task):
     """A task over records of a user's dataset; subclasses turn one record into examples (`encode_record`)."""
 
     frozen_eval: ClassVar[FrozenEval] = FrozenEval()
+    difficulty_meaning: ClassVar[str] = "the records' `difficulty_field` (0 for all without one)"
     has_held_out: ClassVar[bool] = True
 
     def __init__(

@@ -46,6 +46,7 @@ class DepoTask(Task):
     """Depo k-hop traversal; difficulty = k (the largest k of the example's queries in training)."""
 
     name: ClassVar[str] = "depo"
+    difficulty_meaning: ClassVar[str] = "the number of hops followed (k)"
     frozen_eval: ClassVar[FrozenEval] = FrozenEval(num_per_difficulty=128)
     frozen_eval_fixed = ("min_nodes", "max_nodes", "num_queries", "context_windows")
     window = WINDOW

@@ -72,6 +72,7 @@ class GSMInfiniteTask(Task):
     """GSM-Infinite-style problems; difficulty = number of operations to reach the asked quantity."""
 
     name: ClassVar[str] = "gsm_infinite"
+    difficulty_meaning: ClassVar[str] = "the number of operations from the given numbers to the asked quantity"
     frozen_eval: ClassVar[FrozenEval] = FrozenEval(options={"min_tokens": 300, "max_tokens": 500}, num_per_difficulty=8)
 
     def __init__(

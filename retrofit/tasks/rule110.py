@@ -46,6 +46,7 @@ class Rule110Task(Task):
     """Rule 110 rollout; difficulty = t (rollout steps)."""
 
     name: ClassVar[str] = "rule110"
+    difficulty_meaning: ClassVar[str] = "the number of Rule 110 steps rolled out (t)"
     frozen_eval: ClassVar[FrozenEval] = FrozenEval(
         options={"steps_choices": [1, 2, 4, 8, 16, 32]}, num_per_difficulty=256
     )

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from peft import PeftModel
 from tqdm.auto import tqdm
 
@@ -111,7 +111,10 @@ def make_accelerator(recipe: Recipe, *, trackers: bool) -> Accelerator:
     return Accelerator(
         mixed_precision="bf16" if precision == "bf16" else "no",
         log_with=recipe.train.log_with if trackers else None,
-        project_dir=recipe.output_dir,
+        # TensorBoard writes to OUTPUT/tensorboard/<project>: point TensorBoard at runs/*/tensorboard to compare runs
+        project_config=ProjectConfiguration(
+            project_dir=recipe.output_dir, logging_dir=str(Path(recipe.output_dir) / "tensorboard")
+        ),
         # DDP must expect parameters without a gradient: a stage freezes some, and a sleeping forward never reads
         # others (Ouro's early-exit gate). The cost is one walk of the autograd graph per backward.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
@@ -189,7 +192,9 @@ def _train(loaded: LoadedRecipe, *, resume: str | None, overwrite: bool, stop: l
         (output_dir / RECIPE_FILE).write_text(recipe_yaml)
     eval_set = load_eval_set(recipe.eval, resolved.eval_task, resolved.sleep.window)
     history = _eval_history(output_dir, before=state.step)
-    accelerator.init_trackers("tensorboard", config=_flat_config(recipe))
+    wandb = {k: v for k, v in {"name": train_cfg.run_name, "entity": train_cfg.wandb_entity}.items() if v}
+    project = train_cfg.project or output_dir.resolve().name
+    accelerator.init_trackers(project, config=_flat_config(recipe), init_kwargs={"wandb": wandb})
     _print_plan(log, accelerator, resolved, model, accum)
 
     pad_id = task.tokenizer.pad_token_id
