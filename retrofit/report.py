@@ -145,13 +145,14 @@ def tokens_seen_curve(path: Path) -> tuple[list[int], list[float]]:
     """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    folder = path / TENSORBOARD_DIR
+    # the event files sit in tensorboard/<project>/ (tensorboard/ itself in runs of earlier versions)
+    folders = sorted({f.parent for f in (path / TENSORBOARD_DIR).rglob("events.out.tfevents.*")})
     points: dict[int, float] = {}
-    if folder.is_dir():
+    for folder in folders:
         accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0})
         accumulator.Reload()
         if TOKENS_TAG in accumulator.Tags()["scalars"]:
-            points = {event.step: event.value for event in accumulator.Scalars(TOKENS_TAG)}  # a resume's last wins
+            points |= {event.step: event.value for event in accumulator.Scalars(TOKENS_TAG)}  # a resume's last wins
     if not points:
         raise ReportError(
             f"{path} has no {TOKENS_TAG} scalars under {TENSORBOARD_DIR}/ (the x axis of the accuracy curves); "

@@ -441,9 +441,9 @@ def _resume(
         try:
             state = load_checkpoint(accelerator, candidate, trained)
         except Exception as exc:  # a corrupt or doctored checkpoint: any reader may fail, in its own way
-            if index + 1 == len(candidates):
-                raise
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if index + 1 == len(candidates):
+                raise ValueError(f"{candidate} cannot be loaded ({first}); start over with --overwrite") from exc
             log.say(f"resume: {candidate} cannot be loaded ({first}); trying {candidates[index + 1]}")
             continue
         log.say(f"resumed from {candidate} at step {state.step}")
