@@ -102,7 +102,7 @@ def runtime_error_line(exc: BaseException) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from retrofit.generation import add_generate_parser
+    from retrofit.generate_command import add_generate_parser
     from retrofit.hub import add_push_parser
     from retrofit.lora import add_merge_parser
     from retrofit.report import add_report_parser
@@ -157,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output-dir", type=Path, help="where to write results.* (default: PATH)")
     evaluate.set_defaults(run=_eval)
 
-    add_generate_parser(commands)  # retrofit.generation
+    add_generate_parser(commands)  # retrofit.generate_command
     add_push_parser(commands)  # retrofit.hub
     add_merge_parser(commands)  # retrofit.lora
     add_report_parser(commands)  # retrofit.report

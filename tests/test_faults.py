@@ -131,6 +131,31 @@ def test_divergence_names_a_good_checkpoint_and_a_lower_lr_trains_on_from_it(tmp
     assert all(torch.isfinite(t).all() for t in weights(tmp_path / "run" / "model").values())
 
 
+def test_weights_that_are_not_finite_are_never_checkpointed(tmp_path, capsys, monkeypatch):
+    """A weight turned infinite during step 2 (before its checkpoint): the run stops as diverged, saving nothing."""
+    build = trainer.build_model
+
+    def poisoned(resolved):
+        model = build(resolved)
+        calls = []
+
+        def hook(module, args, output):
+            calls.extend([1] if module.training else [])
+            if len(calls) == 2:
+                with torch.no_grad():
+                    next(module.parameters()).fill_(float("inf"))
+            return output
+
+        model.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(trainer, "build_model", poisoned)
+    assert main(["train", str(micro_recipe(tmp_path, "run", **SHORT))]) == 3
+    assert "training diverged at step 3" in error_line(capsys.readouterr().err)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert not checkpoints.exists() or not list(checkpoints.glob("step_*"))
+
+
 @pytest.mark.parametrize(
     ("change", "key"),
     [("train.batch_size=8", "train.batch_size"), ("model.config.hidden_size=32", "model.config.hidden_size")],

@@ -201,6 +201,17 @@ def _train(loaded: LoadedRecipe, *, resume: str | None, overwrite: bool, stop: l
     rank, world = accelerator.process_index, accelerator.num_processes
     last_checkpoint = resume_from  # output_dir holds none after it (resume_point, discard_after)
 
+    def checkpoint_now() -> Path:
+        """Save this step's checkpoint; weights that are not finite stop the run as diverged instead (the next
+        step's loss could not be finite), so every checkpoint holds finite weights."""
+        finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all().float()[None]
+        if accelerator.reduce(finite, reduction="sum").item() < accelerator.num_processes:
+            progress.close()
+            error = diverged(state.step + 1, math.nan, math.nan, output_dir, stepped=False)
+            log.write(f"error: {error}")
+            raise error
+        return save_checkpoint(accelerator, output_dir, state, recipe_yaml, train_cfg.keep_checkpoints, trained)
+
     def evaluate_and_log() -> EvalResult:
         """Evaluate the model now; log the scalars and write this step's eval JSON."""
         result = evaluate(
@@ -299,15 +310,11 @@ def _train(loaded: LoadedRecipe, *, resume: str | None, overwrite: bool, stop: l
 
         # ---- checkpoint, evaluate
         if train_cfg.checkpoint_every and state.step % train_cfg.checkpoint_every == 0:
-            last_checkpoint = save_checkpoint(
-                accelerator, output_dir, state, recipe_yaml, train_cfg.keep_checkpoints, trained
-            )
+            last_checkpoint = checkpoint_now()
         if stopping:
             progress.close()
             if last_checkpoint != checkpoint_dir(output_dir, state.step):
-                last_checkpoint = save_checkpoint(
-                    accelerator, output_dir, state, recipe_yaml, train_cfg.keep_checkpoints, trained
-                )
+                last_checkpoint = checkpoint_now()
             accelerator.end_training()
             name = signal.Signals(stop[0]).name if stop else "a signal to another process"
             message = f"stopped by {name} after step {state.step}; saved {last_checkpoint}; continue with --resume auto"
@@ -320,7 +327,7 @@ def _train(loaded: LoadedRecipe, *, resume: str | None, overwrite: bool, stop: l
 
     # ---- finish: final checkpoint and model, evaluation, report
     if last_checkpoint != checkpoint_dir(output_dir, state.step):
-        save_checkpoint(accelerator, output_dir, state, recipe_yaml, train_cfg.keep_checkpoints, trained)
+        checkpoint_now()
     result = evaluate_and_log()
     state_dict = gather_state_dict(accelerator, model)  # on every process: a collective under ZeRO-3
     final = accelerator.unwrap_model(model)
