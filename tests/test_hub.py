@@ -157,3 +157,42 @@ def test_generate_cli_prints_a_continuation_and_sleeps_when_idle(run_dir, capsys
     # 3 prompt tokens + 4 generated ones went through the model (the 5th is only sampled): with L=4 the chunk
     # [4, 7) was still open, and idle time consolidated it
     assert "idle: consolidated 3 token(s)" in capsys.readouterr().out
+
+
+def _generated(capsys, run_dir: Path, *flags: str) -> list[str]:
+    assert main(["generate", str(run_dir), "--max-new-tokens", "8", *flags]) == 0
+    return capsys.readouterr().out.strip().splitlines()
+
+
+def test_generate_cli_samples_reproducibly_and_top_k_1_is_greedy(run_dir, capsys):
+    greedy = _generated(capsys, run_dir, "--prompt", "w1 w2 w3")
+    hot = ["--prompt", "w1 w2 w3", "--temperature", "3"]
+    first, again, other = (_generated(capsys, run_dir, *hot, "--seed", s) for s in ("1", "1", "2"))
+    assert first == again and first != other  # the seed repeats a draw
+    assert _generated(capsys, run_dir, *hot, "--top-k", "1") == greedy  # one candidate: the argmax
+    assert main(["generate", str(run_dir), "--prompt", "w1", "--temperature", "0"]) == 2
+
+
+def test_generate_cli_stops_at_a_string(run_dir, capsys):
+    (greedy,) = _generated(capsys, run_dir, "--prompt", "w1 w2 w3")
+    stop = greedy.split()[2]
+    (stopped,) = _generated(capsys, run_dir, "--prompt", "w1 w2 w3", "--stop", stop)
+    assert stopped == greedy[: greedy.index(stop) + len(stop)]
+
+
+def test_generate_cli_runs_several_prompts_as_the_engine_on_the_padded_batch(run_dir, capsys):
+    """Each row of a batch of prompts of different lengths is the engine's greedy continuation of that row of the
+    left-padded batch (the semantics of padded coordinates)."""
+    lines = _generated(capsys, run_dir, "--prompt", "w1 w2 w3 w4 w5 w6", "--prompt", "w7 w8")
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model").eval()
+    tokenizer = retrofit.tasks.load_tokenizer(run_dir / "model")
+    tokenizer.padding_side = "left"
+    batch = tokenizer(["w1 w2 w3 w4 w5 w6", "w7 w8"], return_tensors="pt", padding=True, return_token_type_ids=False)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        for _ in range(8):  # greedy, one token at a time, each from the engine's logits over the whole padded batch
+            logits = model.sleep_engine().forward(ids, mask, return_logits=True).logits
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    want = [tokenizer.decode(row[batch["input_ids"].shape[1] :], skip_special_tokens=True) for row in ids]
+    assert lines == [f"[1] {want[0]}", f"[2] {want[1]}"]
