@@ -189,3 +189,13 @@ def test_save_gap_compares_the_final_evaluation_bucket_by_bucket(tmp_path):
     assert gap["eval_step"] == 20 and gap["save_gap"] == pytest.approx(0.05)
     assert save_gap(tmp_path, result(0, [1.0, float("nan")]))["save_gap"] == float("inf")
     assert "save_gap_error" in save_gap(tmp_path / "elsewhere", result(0, [1.0, 2.0]))
+
+
+def test_the_native_benchmark_dry_run_measures_both_items(tmp_path, capsys):
+    from benchmarks import native
+
+    assert native.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "native-dry-run.json").read_text())["results"]
+    assert result["train"]["seconds"]["ours"] > 0 and result["train"]["seconds"]["theirs"] > 0
+    assert result["decode"]["ms_per_token"]["ours"] > 0 and result["decode"]["value"] > 0
+    assert "| train (T=64, N=1, no eviction) |" in capsys.readouterr().out

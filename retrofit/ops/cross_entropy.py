@@ -20,10 +20,11 @@ HEAD_ROWS = 1024  # rows of logits per chunk: 1 GiB of float32 at a 248K vocabul
 
 
 def head_cross_entropy(
-    head: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor, rows: int = HEAD_ROWS
+    head: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor, rows: int | None = None
 ) -> Tensor:
     """Summed cross-entropy of `head(hidden)` [N, V] against `targets` [N] (no ignored entries), in at least float32,
-    computed `rows` rows at a time (see the module docstring); one call when N <= rows."""
+    computed `rows` rows (default `HEAD_ROWS`) at a time (see the module docstring); one call when N <= rows."""
+    rows = rows or HEAD_ROWS
     if hidden.shape[0] <= rows:
         return _summed_loss(head, hidden, targets)
     total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
