@@ -84,12 +84,16 @@ class TrainingInterrupted(RuntimeError):
         self.exit_code = exit_code
 
 
-def diverged(step: int, loss: float, grad_norm: float, output_dir: Path, *, stepped: bool) -> TrainingDiverged:
+def diverged(
+    accelerator: Accelerator, step: int, loss: float, grad_norm: float, output_dir: Path, *, stepped: bool
+) -> TrainingDiverged:
     """The error a run stops with when step `step` (1-based) is not finite; `stepped`: DeepSpeed already took it.
 
     The checkpoints from the weights that step started from on are marked bad (`mark_diverged`), so the one named
     here, and the one `--resume auto` takes, is the newest whose weights trained on finitely."""
-    mark_diverged(output_dir, step, loss)
+    if accelerator.is_main_process:
+        mark_diverged(output_dir, step, loss)
+    accelerator.wait_for_everyone()
     good = good_checkpoints(output_dir)
     kept = f"the last good checkpoint is {good[-1]}" if good else "no good checkpoint was saved"
     stopped = "stopped after DeepSpeed took that step" if stepped else "stopped before that step"
@@ -207,7 +211,7 @@ def _train(loaded: LoadedRecipe, *, resume: str | None, overwrite: bool, stop: l
         finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all().float()[None]
         if accelerator.reduce(finite, reduction="sum").item() < accelerator.num_processes:
             progress.close()
-            error = diverged(state.step + 1, math.nan, math.nan, output_dir, stepped=False)
+            error = diverged(accelerator, state.step + 1, math.nan, math.nan, output_dir, stepped=False)
             log.write(f"error: {error}")
             raise error
         return save_checkpoint(accelerator, output_dir, state, recipe_yaml, train_cfg.keep_checkpoints, trained)
@@ -272,7 +276,7 @@ def _train(loaded: LoadedRecipe, *, resume: str | None, overwrite: bool, stop: l
             progress.close()
             accelerator.end_training()
             stepped = zero_stage(accelerator) is not None
-            error = diverged(step + 1, loss_value, grad_norm, output_dir, stepped=stepped)
+            error = diverged(accelerator, step + 1, loss_value, grad_norm, output_dir, stepped=stepped)
             log.write(f"error: {error}")
             raise error
         lr = scheduler.get_last_lr()[0]
