@@ -217,3 +217,28 @@ def test_streaming_refuses_multi_pass_wake():
     model = apply_sleep(tiny_hybrid(), SleepConfig(window=4, passes=3, wake_passes=2))
     with pytest.raises(ValueError, match="wake_passes"):
         model(torch.tensor([[1, 2]]), use_cache=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["hybrid", "jet_nemotron", "ouro"])
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+def test_generate_on_cuda_scores_every_token_as_the_cpu_float64_engine(families, family, eviction, monkeypatch):
+    """fla's kernels decode on CUDA in float32 (prompt 10 + 20 generated, L=8, N=3): the logits `generate` saw at
+    every step equal the float64 CPU engine's wake logits of the sequence it produced, within float32 kernel error."""
+    monkeypatch.setenv("RETROFIT_OPS", "fla")
+    sleep = SleepConfig(window=8, passes=3, eviction=eviction)
+    reference_model = families[family](sleep)
+    model = copy.deepcopy(reference_model).float().cuda()
+    model.generation_config.eos_token_id = None
+    prompt, _ = random_batch(1, 10, 37, seed=8)
+    with torch.no_grad():
+        out = model.generate(
+            prompt.cuda(), max_new_tokens=20, do_sample=False, return_dict_in_generate=True, output_logits=True
+        )
+        monkeypatch.setenv("RETROFIT_OPS", "torch")
+        reference = reference_model.sleep_engine().forward(out.sequences.cpu(), return_logits=True).logits
+    seen = torch.stack(out.logits, dim=1).double().cpu()
+    expected = reference[:, 9:-1]
+    assert out.sequences.shape[1] == 30
+    assert float((seen - expected).norm() / expected.norm()) < 1e-3
