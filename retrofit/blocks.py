@@ -35,6 +35,8 @@ class Chunk:
         rope: `(cos, sin)`, each `[B, C, head_dim]`, computed once per chunk by the adapter.
         window: the sliding window imposed by `sliding` eviction (L), or `None` under hard eviction.
         padded: whether any position of `valid` is False (decided once per chunk, not per block).
+        index: `[C]` stream indices of the tokens as a tensor, which then replace `start` in masks: a decoding step
+            whose index lives on the device can be captured once and replayed at every position.
     """
 
     start: int
@@ -43,24 +45,34 @@ class Chunk:
     rope: tuple[Tensor, Tensor] | None
     window: int | None
     padded: bool
+    index: Tensor | None = None
 
 
 class KVWindow(NamedTuple):
-    """Keys and values of consecutive tokens `[start, start + R)` of one attention block."""
+    """Keys and values of consecutive tokens `[start, start + R)` of one attention block, or, with `index`, of the
+    tokens at those stream indices (a `KVRing`'s slots, in any order)."""
 
     keys: Tensor  # [B, H_kv, R, D]
     values: Tensor  # [B, H_kv, R, D]
     valid: Tensor  # [B, R] bool
     start: int
     padded: bool = True  # whether `valid` may hold a False (known on the host, so that no mask needs a sync)
+    index: Tensor | None = None  # [R] stream index of each token; replaces `start` in masks
 
     @property
     def length(self) -> int:
         return self.keys.shape[-2]
 
+    def indices(self) -> Tensor:
+        """`[R]` stream index of each token."""
+        if self.index is not None:
+            return self.index
+        return torch.arange(self.start, self.start + self.length, device=self.keys.device)
+
     def extend(self, other: KVWindow) -> KVWindow:
-        """This window followed by `other`, which must start where this one ends."""
-        if other.start != self.start + self.length:
+        """This window followed by `other`, which must start where this one ends (unless either carries `index`)."""
+        indexed = self.index is not None or other.index is not None
+        if not indexed and other.start != self.start + self.length:
             raise ValueError(f"KV windows are not contiguous: {self.start}+{self.length} != {other.start}")
         return KVWindow(
             torch.cat([self.keys, other.keys], dim=-2),
@@ -68,6 +80,7 @@ class KVWindow(NamedTuple):
             torch.cat([self.valid, other.valid], dim=-1),
             self.start,
             self.padded or other.padded,
+            torch.cat([self.indices(), other.indices()]) if indexed else None,
         )
 
     def last(self, n: int) -> KVWindow | None:
@@ -76,10 +89,75 @@ class KVWindow(NamedTuple):
             return None
         drop = max(self.length - n, 0)
         keys, values = self.keys[..., drop:, :], self.values[..., drop:, :]
-        return KVWindow(keys, values, self.valid[:, drop:], self.start + drop, self.padded)
+        index = None if self.index is None else self.index[drop:]
+        return KVWindow(keys, values, self.valid[:, drop:], self.start + drop, self.padded, index)
 
     def detach(self) -> KVWindow:
         return KVWindow(self.keys.detach(), self.values.detach(), self.valid, self.start, self.padded)
+
+
+# The stream index of a slot that holds no token: no query is ever at distance 0 from it.
+NO_TOKEN = -(2**62)
+
+
+class KVRing:
+    """A fixed KV buffer of one attention block for streaming inference: the token at stream index `s` lives in slot
+    `s % capacity`, so memory never grows and every decoding step has the same shapes.
+
+    A query reads the ring (earlier tokens) and its own chunk's keys, then its keys are written over the oldest
+    slots. `capacity` is the most earlier tokens a query may read: `min(L, window) - 1`, since a chunk's query sees
+    at most L - 1 earlier tokens (the chunk so far, or the retained window under sliding eviction) and a
+    sliding-window layer its window - 1. Storage is allocated on the first write.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"a KV ring holds at least one token, not {capacity}")
+        self.capacity = capacity
+        self.keys: Tensor | None = None  # [B, H_kv, capacity, D]
+        self.values: Tensor | None = None
+        self.valid: Tensor | None = None  # [B, capacity] bool
+        self.index: Tensor | None = None  # [capacity] stream index per slot, NO_TOKEN when empty
+
+    def read_with(self, own: KVWindow) -> KVWindow:
+        """The earlier tokens held here followed by `own` (the keys a chunk's queries read); then `own` is kept."""
+        keys = own if self.keys is None else self.window().extend(own)
+        self.write(own)
+        return keys
+
+    def write(self, window: KVWindow) -> None:
+        """Keep the latest `capacity` tokens of `window` in their slots."""
+        window = window.last(self.capacity)
+        index = window.indices()
+        if self.keys is None:
+            batch, heads, _, dim = window.keys.shape
+            self.keys = window.keys.new_zeros(batch, heads, self.capacity, dim)
+            self.values = window.values.new_zeros(batch, heads, self.capacity, window.values.shape[-1])
+            self.valid = torch.zeros(batch, self.capacity, dtype=torch.bool, device=index.device)
+            self.index = torch.full((self.capacity,), NO_TOKEN, dtype=torch.long, device=index.device)
+        slots = index % self.capacity
+        self.keys.index_copy_(2, slots, window.keys)
+        self.values.index_copy_(2, slots, window.values)
+        self.valid.index_copy_(1, slots, window.valid)
+        self.index.index_copy_(0, slots, index)
+
+    def window(self) -> KVWindow:
+        """The buffer as a `KVWindow` with per-slot stream indices (empty slots are invalid)."""
+        return KVWindow(self.keys, self.values, self.valid, 0, True, self.index)
+
+    def clear(self) -> None:
+        """Forget every token (eviction); storage is kept."""
+        if self.valid is not None:
+            self.valid.zero_()
+            self.index.fill_(NO_TOKEN)
+
+    def held(self, since: int) -> tuple[int, int]:
+        """(tokens held before stream index `since`, tokens held from it on), counted on the batch's first row."""
+        if self.valid is None:
+            return 0, 0
+        present = self.valid[0] & (self.index != NO_TOKEN)
+        later = present & (self.index >= since)
+        return int((present & ~later).sum()), int(later.sum())
 
 
 def join_readable(

@@ -206,24 +206,29 @@ class SleepEngine:
         states: States,
         windows: Windows,
         valid: Tensor | None = None,
+        padded: bool | None = None,
     ) -> tuple[States, Windows]:
         """Consolidate one chunk now: N passes from `states`, then evict. Returns the new state and windows.
 
         `input_ids` `[B, C]` are the chunk's tokens (C <= L), `start` the index of its first token, and
-        `positions` its RoPE ids. Streaming inference calls this every L tokens, or earlier when idle.
+        `positions` its RoPE ids; `padded` says whether `valid` holds a False (read from it when not given).
+        Streaming inference calls this every L tokens, or earlier when idle.
         """
         if valid is None:
             valid = torch.ones_like(input_ids, dtype=torch.bool)
-        chunk = self.chunk_for_tokens(start, positions, valid)
+        chunk = self.chunk_for_tokens(start, positions, valid, padded)
         _, _, states, windows = self._call_chunk(
             input_ids, None, chunk, states, windows, _Plan(logits=False, sleep=True, all_logits=False)
         )
         return states, windows
 
-    def chunk_for_tokens(self, start: int, positions: Tensor, valid: Tensor) -> Chunk:
-        """The `Chunk` description of tokens `[start, start + C)` (used by streaming decoders)."""
-        padded = not bool(valid.all())
-        return Chunk(start, positions, valid, self.adapter.rope(positions), self._eviction_window(), padded)
+    def chunk_for_tokens(
+        self, start: int, positions: Tensor, valid: Tensor, padded: bool | None = None, index: Tensor | None = None
+    ) -> Chunk:
+        """The `Chunk` description of tokens `[start, start + C)` (used by streaming decoders). `padded` (whether
+        `valid` holds a False) is read from `valid` unless given; `index` gives the stream indices as a tensor."""
+        padded = not bool(valid.all()) if padded is None else padded
+        return Chunk(start, positions, valid, self.adapter.rope(positions), self._eviction_window(), padded, index)
 
     # ------------------------------------------------------------------ one chunk
 

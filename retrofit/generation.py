@@ -20,14 +20,14 @@ and a sliding-window block at most its window - 1 of them (older keys are never 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
 
 import torch
 from torch import Tensor
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from retrofit.blocks import BlockState, Chunk, KVWindow, LinearState, SleepAdapter, join_readable
+from retrofit.blocks import BlockState, Chunk, KVRing, KVWindow, LinearState, SleepAdapter, join_readable
 from retrofit.engine import SleepEngine
 
 # The name under which this transformers passes a cache to `forward`, returns it in a model output and keeps it
@@ -46,22 +46,22 @@ def take_cache(cache: Cache | None, kwargs: dict) -> Cache | None:
     return cache if cache is not None else legacy
 
 
-@dataclass
 class _ChunkTokens:
-    """The current chunk's tokens so far: ids, RoPE positions and validity, each `[B, c]`."""
+    """The current chunk's tokens, in fixed `[B, L]` buffers (ids, RoPE positions, validity) that a sleep reads."""
 
-    ids: Tensor
-    positions: Tensor
-    valid: Tensor
+    def __init__(self, batch: int, window: int, device: torch.device) -> None:
+        self.ids = torch.zeros(batch, window, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, window, dtype=torch.long, device=device)
+        self.valid = torch.zeros(batch, window, dtype=torch.bool, device=device)
 
-    def append(self, ids: Tensor, positions: Tensor, valid: Tensor) -> None:
-        self.ids = torch.cat([self.ids, ids], dim=1)
-        self.positions = torch.cat([self.positions, positions], dim=1)
-        self.valid = torch.cat([self.valid, valid], dim=1)
+    def write(self, slots: Tensor, ids: Tensor, positions: Tensor, valid: Tensor) -> None:
+        self.ids.index_copy_(1, slots, ids)
+        self.positions.index_copy_(1, slots, positions)
+        self.valid.index_copy_(1, slots, valid)
 
-    @property
-    def length(self) -> int:
-        return self.ids.shape[1]
+    def first(self, length: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Copies of the first `length` tokens' buffers (the next chunk overwrites these)."""
+        return self.ids[:, :length].clone(), self.positions[:, :length].clone(), self.valid[:, :length].clone()
 
 
 class StreamingCache(Cache):
@@ -104,38 +104,48 @@ class SleepCache(StreamingCache):
     """The streaming state of a sleeping model, as a transformers `Cache` that `generate` carries between steps.
 
     `generate` makes one; pass `cache=SleepCache()` (`past_key_values=` before transformers 5.25) to keep it (to
-    `model.sleep(cache)` when idle, or to continue the stream with more tokens). Its per-block lists are sized to the
-    model on the first step.
+    `model.sleep(cache)` when idle, or to continue the stream with more tokens). It is sized to the model and the
+    batch on the first step, and never grows after: each attention block holds a `KVRing` of the L - 1 earlier tokens
+    a query can read (its own window - 1 if that is less), each linear block one fast state, and the current chunk's
+    tokens sit in `[B, L]` buffers. Every later step updates these in place.
+
+    On CUDA the one-token wake step and the sleep of a full window are each captured once as a CUDA graph and
+    replayed after (`capture=False` keeps both eager); where capture fails, that step stays eager and says so once.
 
     Attributes:
         chunk_start_states: each block's fast state at the current chunk's start (what its sleep starts from).
         states: each block's streaming fast state, after the last token seen.
-        windows: each attention block's retained KV window (tokens before the current chunk), or None.
-        chunk_kv: each attention block's keys/values of the current chunk's tokens so far, or None.
+        windows: each attention block's window retained by the last sleep (what the next sleep reads), or None.
+        rings: each attention block's KV buffer of the tokens its next query can read, or None.
         chunk: the current chunk's token ids, positions and validity.
+        chunk_length: tokens in the current chunk so far.
         chunk_start: index of the current chunk's first token in the stream.
         seen: tokens seen so far (padding included: it is the stream index of the next token).
         num_valid: `[B]` real (non-padding) tokens seen so far per row; global RoPE positions count these.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, capture: bool = True) -> None:
         super().__init__()
+        self.capture = capture
         self.chunk_start_states: list[BlockState] = []
         self.states: list[BlockState] = []
         self.windows: list[KVWindow | None] = []
-        self.chunk_kv: list[KVWindow | None] = []
+        self.rings: list[KVRing | None] = []
         self.chunk: _ChunkTokens | None = None
+        self.chunk_length = 0
         self.chunk_start = 0
+        self._next_index: Tensor | None = None  # [1] on the device: `seen`, for steps that replay
+        self._chunk_start_index: Tensor | None = None  # [1]: `chunk_start`
+        self._chunk_valid: Tensor | None = None  # [B]: real tokens of the current chunk (chunk positions)
+        self._captured: _CapturedWake | None = None
+        self._captured_sleep: _CapturedSleep | None = None
+        self._stream: torch.cuda.Stream | None = None
 
     # ------------------------------------------------------------------ streaming
 
     def kv_lengths(self) -> list[tuple[int, int]]:
         """Per attention block: (retained window tokens, current chunk tokens) held in KV memory."""
-        return [
-            (w.length if w is not None else 0, kv.length)
-            for w, kv in zip(self.windows, self.chunk_kv, strict=True)
-            if kv is not None
-        ]
+        return [ring.held(self.chunk_start) for ring in self.rings if ring is not None]
 
     def step(self, engine: SleepEngine, input_ids: Tensor, valid: Tensor) -> Tensor:
         """Wake logits `[B, T, V]` of the new tokens `input_ids` `[B, T]`, sleeping at every chunk boundary."""
@@ -145,18 +155,16 @@ class SleepCache(StreamingCache):
                 "token runs one pass); generate with use_cache=False (the engine recomputes every step), or apply "
                 "a sleep config with wake_passes=1"
             )
-        if self.num_valid is None:  # first call: size the per-block lists to the model
-            num_blocks = len(engine.adapter.blocks)
-            self.chunk_start_states, self.states = [None] * num_blocks, [None] * num_blocks
-            self.windows, self.chunk_kv = [None] * num_blocks, [None] * num_blocks
-            self.num_valid = valid.new_zeros(valid.shape[0], dtype=torch.long)
+        if self.num_valid is None:
+            self._allocate(engine, valid)
         window, logits, offset = engine.config.window, [], 0
         while offset < input_ids.shape[1]:
-            if self.chunk is not None and self.chunk.length >= window:
+            if self.chunk_length >= window:
                 self.consolidate(engine)
-            used = self.chunk.length if self.chunk is not None else 0
-            stop = min(offset + window - used, input_ids.shape[1])
-            logits.append(self._wake(engine, input_ids[:, offset:stop], valid[:, offset:stop]))
+            stop = min(offset + window - self.chunk_length, input_ids.shape[1])
+            logits.append(self._wake_segment(engine, input_ids[:, offset:stop], valid[:, offset:stop]))
+            self.seen += stop - offset
+            self.chunk_length += stop - offset
             offset = stop
         return torch.cat(logits, dim=1)
 
@@ -165,42 +173,144 @@ class SleepCache(StreamingCache):
 
         Returns the number of tokens consolidated (0 when the current chunk is empty).
         """
-        if self.chunk is None:
+        length = self.chunk_length
+        if length == 0:
             return 0
-        chunk = self.chunk
-        states, windows = engine.sleep(
-            chunk.ids, self.chunk_start, chunk.positions, self.chunk_start_states, self.windows, chunk.valid
-        )
-        self.chunk_start_states, self.states, self.windows = states, list(states), windows
-        self.chunk_kv = [None] * len(self.chunk_kv)
-        self.chunk, self.chunk_start = None, self.seen
-        return chunk.length
+        ids, positions, valid = self.chunk.first(length)
+        padded = not bool(valid.all())
+        captured = self._captured_sleep
+        slept = captured.run(self, engine) if captured is not None and captured.fits(self, padded) else None
+        if slept is None:
+            slept = engine.sleep(ids, self.chunk_start, positions, self.chunk_start_states, self.windows, valid, padded)
+            self._prepare_sleep_capture(engine, length, padded)
+        states, windows = slept
+        self.chunk_start_states, self.windows = states, windows
+        for i, state in enumerate(states):
+            if state is not None:
+                self._keep_state(i, state)
+        for ring, retained in zip(self.rings, windows, strict=True):
+            if ring is not None:
+                ring.clear()
+                if retained is not None:
+                    ring.write(retained)
+        self.chunk_length, self.chunk_start = 0, self.seen
+        self._chunk_start_index.copy_(self._next_index)
+        self._chunk_valid.zero_()
+        return length
 
-    def _positions(self, engine: SleepEngine, valid: Tensor) -> Tensor:
-        """RoPE ids of new tokens, as `retrofit.engine.sequence_positions` gives them on the whole stream."""
-        if engine.config.positions == "global":
-            before = self.num_valid
-        else:
-            before = self.chunk.valid.long().sum(-1) if self.chunk is not None else torch.zeros_like(self.num_valid)
-        return self.positions_after(before, valid)
+    def _prepare_sleep_capture(self, engine: SleepEngine, length: int, padded: bool) -> None:
+        """After an eager sleep of a full window that started from a state (so kernels are tuned for that shape),
+        get the next such sleep captured as a CUDA graph."""
+        full_window = length == engine.config.window and not padded
+        started = all(s is not None for s, b in zip(self.chunk_start_states, engine.adapter.blocks, strict=True)
+                      if b.kind == "linear")  # fmt: skip
+        if self.capture and self.chunk.ids.is_cuda and full_window and started and self._captured_sleep is None:
+            self._captured_sleep = _CapturedSleep(
+                self._capture_stream(), _shapes(self.chunk_start_states, self.windows)
+            )
 
-    def _wake(self, engine: SleepEngine, input_ids: Tensor, valid: Tensor) -> Tensor:
-        """One wake pass over tokens that all belong to the current chunk."""
-        positions = self._positions(engine, valid)
-        chunk = engine.chunk_for_tokens(self.seen, positions, valid)
+    def _capture_stream(self) -> torch.cuda.Stream:
+        """The side stream on which this cache's CUDA graphs are warmed up and captured."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        return self._stream
+
+    def _allocate(self, engine: SleepEngine, valid: Tensor) -> None:
+        """Size every buffer to the model and the batch (KV storage is allocated on its first write)."""
+        blocks, window = engine.adapter.blocks, engine.config.window
+        self.chunk_start_states, self.states = [None] * len(blocks), [None] * len(blocks)
+        self.windows = [None] * len(blocks)
+        self.rings = []
+        for block in blocks:
+            reads = min(window, block.kv_window or window) - 1  # earlier tokens one query can read
+            self.rings.append(KVRing(reads) if block.kind != "linear" and reads > 0 else None)
+        batch, device = valid.shape[0], valid.device
+        self.chunk = _ChunkTokens(batch, window, device)
+        self.num_valid = torch.zeros(batch, dtype=torch.long, device=device)
+        self._chunk_valid = torch.zeros(batch, dtype=torch.long, device=device)
+        self._next_index = torch.zeros(1, dtype=torch.long, device=device)
+        self._chunk_start_index = torch.zeros(1, dtype=torch.long, device=device)
+
+    def _wake_segment(self, engine: SleepEngine, input_ids: Tensor, valid: Tensor) -> Tensor:
+        """The wake logits of tokens that all belong to the current chunk: a replayed CUDA graph for one real token
+        on CUDA once a step has run eagerly, else the eager pass."""
+        padded = not bool(valid.all())
+        replayable = self.capture and input_ids.is_cuda and input_ids.shape[1] == 1 and not padded
+        if not replayable:
+            return self._wake(engine, input_ids, valid, padded)
+        if self._captured is None:
+            self._captured = _CapturedWake.first_step(self, engine, input_ids, self._capture_stream())
+            return self._captured.warm_logits
+        return self._captured.replay(self, engine, input_ids)
+
+    def _wake(self, engine: SleepEngine, input_ids: Tensor, valid: Tensor, padded: bool) -> Tensor:
+        """One wake pass over tokens of the current chunk. Only tensors change (in place), so it can be captured."""
+        index = self._next_index + torch.arange(input_ids.shape[1], device=input_ids.device)
+        before = self.num_valid if engine.config.positions == "global" else self._chunk_valid
+        positions = self.positions_after(before, valid)
+        chunk = engine.chunk_for_tokens(self.seen, positions, valid, padded, index)
         adapter = engine.adapter
         h = adapter.embed(input_ids)
         for i, block in enumerate(adapter.blocks):
-            kv = join_readable(self.windows[i], self.chunk_kv[i], block.kv_window)
-            h, self.states[i], own = block(h, self.states[i], kv, chunk)
-            if own is not None:
-                self.chunk_kv[i] = join_readable(self.chunk_kv[i], own, block.kv_window)
-        if self.chunk is None:
-            self.chunk = _ChunkTokens(input_ids, positions, valid)
-        else:
-            self.chunk.append(input_ids, positions, valid)
-        self.advance(valid)
+            h, state, _ = block(h, self.states[i], self.rings[i], chunk)
+            if state is not None:
+                self._keep_state(i, state)
+        self.chunk.write(index - self._chunk_start_index, input_ids, positions, valid)
+        counted = valid.long().sum(-1)
+        self.num_valid.add_(counted)
+        self._chunk_valid.add_(counted)
+        self._next_index.add_(input_ids.shape[1])
         return adapter.head(h)
+
+    def _keep_state(self, i: int, state: LinearState) -> None:
+        """Store block `i`'s new fast state in its own storage (copied in place after the first)."""
+        if self.states[i] is None:
+            self.states[i] = _clone_state(state)
+        else:
+            _copy_state(self.states[i], state)
+
+
+class _CapturedWake:
+    """The one-token wake step of a `SleepCache` as a CUDA graph: captured on the second decoding step (the first
+    runs eagerly on the capture stream, so that kernels are compiled and tuned) and replayed on every later one.
+    Every input lives in the cache's own buffers, so sleeps in between keep it valid."""
+
+    def __init__(self, input_ids: Tensor, stream: torch.cuda.Stream) -> None:
+        self.stream = stream
+        self.input_ids = input_ids.clone()
+        self.valid = torch.ones_like(input_ids, dtype=torch.bool)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: Tensor | None = None
+        self.warm_logits: Tensor | None = None
+        self.failed = False
+
+    @classmethod
+    def first_step(
+        cls, cache: SleepCache, engine: SleepEngine, input_ids: Tensor, stream: torch.cuda.Stream
+    ) -> _CapturedWake:
+        captured = cls(input_ids, stream)
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            captured.warm_logits = cache._wake(engine, captured.input_ids, captured.valid, False)
+        torch.cuda.current_stream().wait_stream(stream)
+        return captured
+
+    def replay(self, cache: SleepCache, engine: SleepEngine, input_ids: Tensor) -> Tensor:
+        if self.failed:
+            return cache._wake(engine, input_ids, self.valid, False)
+        self.input_ids.copy_(input_ids)
+        if self.graph is None:
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, stream=self.stream):
+                    self.logits = cache._wake(engine, self.input_ids, self.valid, False)
+            except RuntimeError as error:
+                self.failed = True
+                _capture_failed("decoding", "the wake step", error)
+                return cache._wake(engine, input_ids, self.valid, False)
+            self.graph = graph
+        self.graph.replay()
+        return self.logits.clone()
 
 
 class StreamCache(StreamingCache):
@@ -274,3 +384,95 @@ class StreamCache(StreamingCache):
 
 
 # ---------------------------------------------------------------------- command line
+
+
+class _CapturedSleep:
+    """The sleep of a full window (N passes, then eviction) as a CUDA graph, captured on its first use and replayed
+    for every later full window whose start states and retained windows have the shapes it was warmed up with.
+
+    The graph reads copies of the chunk, its start states and the retained windows, and keeps the stream index of
+    the window it was captured on: masks see only distances between indices, so the same graph serves every window,
+    and the windows it returns are moved to the true start."""
+
+    def __init__(self, stream: torch.cuda.Stream, shapes: list) -> None:
+        self.stream, self.shapes = stream, shapes
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.failed = False
+
+    def fits(self, cache: SleepCache, padded: bool) -> bool:
+        """Whether the current chunk can replay the graph: a full window without padding, inputs shaped as before."""
+        full = cache.chunk_length == cache.chunk.ids.shape[1]
+        return (
+            not self.failed and full and not padded and _shapes(cache.chunk_start_states, cache.windows) == self.shapes
+        )
+
+    def run(self, cache: SleepCache, engine: SleepEngine) -> tuple[list[BlockState], list[KVWindow | None]] | None:
+        """The new states and windows of the current chunk's sleep, or None where capture failed (sleep eagerly)."""
+        if self.graph is None and not self._capture(cache, engine):
+            return None
+        self.ids.copy_(cache.chunk.ids)
+        self.positions.copy_(cache.chunk.positions)
+        self.valid.copy_(cache.chunk.valid)
+        for into, state in zip(self.states, cache.chunk_start_states, strict=True):
+            if into is not None:
+                _copy_state(into, state)
+        for into, window in zip(self.windows, cache.windows, strict=True):
+            if into is not None:
+                into.keys.copy_(window.keys)
+                into.values.copy_(window.values)
+                into.valid.copy_(window.valid)
+        self.graph.replay()
+        shift = cache.chunk_start - self.start
+        return list(self.out_states), [
+            None if w is None else w._replace(start=w.start + shift) for w in self.out_windows
+        ]
+
+    def _capture(self, cache: SleepCache, engine: SleepEngine) -> bool:
+        self.ids, self.positions, self.valid = cache.chunk.first(cache.chunk_length)
+        self.start = cache.chunk_start
+        self.states = [None if s is None else _clone_state(s) for s in cache.chunk_start_states]
+        self.windows = [
+            None if w is None else w._replace(keys=w.keys.clone(), values=w.values.clone(), valid=w.valid.clone())
+            for w in cache.windows
+        ]
+        graph = torch.cuda.CUDAGraph()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.graph(graph, stream=self.stream):
+                self.out_states, self.out_windows = engine.sleep(
+                    self.ids, self.start, self.positions, self.states, self.windows, self.valid, False
+                )
+        except RuntimeError as error:
+            self.failed = True
+            _capture_failed("sleeping", "a window's sleep", error)
+            return False
+        self.graph = graph
+        return True
+
+
+def _clone_state(state: LinearState) -> LinearState:
+    return LinearState(state.recurrent.clone(), tuple(c.clone() for c in state.conv))
+
+
+def _copy_state(into: LinearState, state: LinearState) -> None:
+    into.recurrent.copy_(state.recurrent)
+    for a, b in zip(into.conv, state.conv, strict=True):
+        a.copy_(b)
+
+
+def _shapes(states: list[BlockState], windows: list[KVWindow | None]) -> list:
+    """What a captured sleep's inputs look like: each state's and window's tensor shapes (None where absent)."""
+    return [
+        (None if s is None else s.recurrent.shape, None if w is None else w.keys.shape)
+        for s, w in zip(states, windows, strict=True)
+    ]
+
+
+_CAPTURE_FAILED: set[str] = set()
+
+
+def _capture_failed(step: str, what: str, error: Exception) -> None:
+    """Say once per process that `step` stays eager because capturing `what` failed."""
+    if step not in _CAPTURE_FAILED:
+        _CAPTURE_FAILED.add(step)
+        warnings.warn(f"{step} runs eagerly: capturing {what} as a CUDA graph failed ({error})", stacklevel=4)

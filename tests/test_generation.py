@@ -115,18 +115,24 @@ def test_segments_of_any_size_equal_token_by_token_streaming(eviction):
 
 @pytest.mark.parametrize("eviction", ["hard", "sliding"])
 def test_kv_memory_stays_bounded_by_the_window(eviction):
-    """Generating 10·L tokens, each attention block holds at most L-1 retained + L chunk tokens, at every step."""
+    """Generating 10·L tokens, each attention block holds at most the L-1 tokens a query can read (retained ones
+    only under sliding eviction), at every step, in the same storage as after the first token: nothing grows."""
     window = 3
     model = apply_sleep(tiny_hybrid(), SleepConfig(window=window, passes=2, eviction=eviction))
     cache = SleepCache()
     token = torch.tensor([[1]])
     with torch.no_grad():
-        for _ in range(10 * window):
+        for step in range(10 * window):
             token = model(token, cache=cache).logits[:, -1:].argmax(-1)
+            storage = [t.data_ptr() for ring in cache.rings if ring is not None for t in (ring.keys, ring.values)]
+            storage += [s.recurrent.data_ptr() for s in cache.states if s is not None]
+            if step == 0:
+                first_storage = storage
+            assert storage == first_storage
             lengths = cache.kv_lengths()
             assert len(lengths) == 2  # the two attention blocks
             for retained, chunk in lengths:
-                assert chunk <= window
+                assert retained + chunk <= window - 1
                 assert retained <= (window - 1 if eviction == "sliding" else 0)
     assert cache.get_seq_length() == 10 * window
 
@@ -242,3 +248,40 @@ def test_generate_on_cuda_scores_every_token_as_the_cpu_float64_engine(families,
     expected = reference[:, 9:-1]
     assert out.sequences.shape[1] == 30
     assert float((seen - expected).norm() / expected.norm()) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["hybrid", "jet_nemotron", "ouro"])
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_decoding_through_the_captured_graph_equals_eager_decoding(families, family, eviction, batch):
+    """Greedy decoding of 40 tokens over 5 windows (L=8, N=3; rows left-padded by 0-3 tokens): the replayed CUDA
+    graphs of the wake step and of a full window's sleep pick the same tokens as eager steps, with the same scores."""
+    model = families[family](SleepConfig(window=8, passes=3, eviction=eviction)).float().cuda()
+    model.generation_config.eos_token_id = None
+    prompt, _ = random_batch(batch, 10, 37, seed=9)
+    mask = torch.ones_like(prompt)
+    for row in range(batch):
+        mask[row, :row] = 0
+    runs = {}
+    with torch.no_grad():
+        for capture in (True, False):
+            cache = SleepCache(capture=capture)
+            out = model.generate(
+                prompt.cuda(),
+                attention_mask=mask.cuda(),
+                max_new_tokens=40,
+                do_sample=False,
+                pad_token_id=0,
+                return_dict_in_generate=True,
+                output_logits=True,
+                **{CACHE_NAME: cache},
+            )
+            runs[capture] = out.sequences, torch.stack(out.logits, dim=1), cache
+    (captured, captured_logits, cache), (eager, eager_logits, eager_cache) = runs[True], runs[False]
+    assert cache._captured is not None and cache._captured.graph is not None  # the wake graph was replayed
+    assert cache._captured_sleep is not None and cache._captured_sleep.graph is not None  # and the sleep graph
+    assert eager_cache._captured is None and eager_cache._captured_sleep is None
+    assert torch.equal(captured, eager)
+    assert torch.allclose(captured_logits, eager_logits, atol=1e-4, rtol=1e-4)

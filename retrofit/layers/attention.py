@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from retrofit.blocks import Chunk, KVWindow
+from retrofit.blocks import Chunk, KVRing, KVWindow
 from retrofit.layers.rope import apply_rotary
 
 
@@ -19,8 +19,10 @@ def attention_mask(keys: KVWindow, chunk: Chunk, window: int | None) -> Tensor:
     Every query may attend to itself, so padded queries get a finite (ignored) output instead of NaN.
     """
     device = chunk.valid.device
-    query_index = chunk.start + torch.arange(chunk.valid.shape[1], device=device)
-    key_index = keys.start + torch.arange(keys.length, device=device)
+    query_index = (
+        chunk.index if chunk.index is not None else chunk.start + torch.arange(chunk.valid.shape[1], device=device)
+    )
+    key_index = keys.index if keys.index is not None else keys.start + torch.arange(keys.length, device=device)
     distance = query_index[:, None] - key_index[None, :]
     allowed = distance >= 0
     if window is not None:
@@ -78,16 +80,22 @@ class Attention(nn.Module):
 
 
 def attend(
-    q: Tensor, k: Tensor, v: Tensor, kv: KVWindow | None, chunk: Chunk, window: int | None
+    q: Tensor, k: Tensor, v: Tensor, kv: KVWindow | KVRing | None, chunk: Chunk, window: int | None
 ) -> tuple[Tensor, KVWindow]:
     """Softmax attention of a chunk's queries `[B, H, C, D]` over the retained window `kv` plus the chunk's own keys
     and values `[B, H_kv, C, D]` (RoPE applied): causal, within `window` (and the eviction's), never onto padding.
+    A `KVRing` (streaming inference) is read with the chunk's keys, and keeps them.
 
     Returns the output `[B, H, C, D]` and the chunk's own keys and values, for the engine to retain or drop.
     """
     length, num_heads, num_kv_heads = q.shape[2], q.shape[1], k.shape[1]
-    own = KVWindow(k, v, chunk.valid, chunk.start, chunk.padded)
-    keys = own if kv is None else kv.extend(own)
+    own = KVWindow(k, v, chunk.valid, chunk.start, chunk.padded, chunk.index)
+    if isinstance(kv, KVRing):
+        keys = kv.read_with(own)
+    elif kv is None:
+        keys = own
+    else:
+        keys = kv.extend(own)
     window = _min_window(window, chunk.window)
     plain_causal = kv is None and not chunk.padded and (window is None or window >= length)
     # Decoding: one query, the newest token, that may see every key (no padding, all within the window).
