@@ -210,7 +210,9 @@ class SleepBlock(Protocol):
 
 
 class SleepAdapter(Protocol):
-    """What a model family exposes to the engine."""
+    """What a model family exposes to the engine. It may also offer `head_parts()`: the head as (what comes before
+    its output projection, that projection), which lets a fused loss kernel serve the head
+    (`retrofit.ops.cross_entropy`)."""
 
     blocks: nn.ModuleList
     default_loop_range: tuple[int, int]

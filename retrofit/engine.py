@@ -346,7 +346,8 @@ class SleepEngine:
         h, targets = h.flatten(0, 1), targets.flatten()
         if plan.label_index is not None:
             h, targets = h.index_select(0, plan.label_index), targets.index_select(0, plan.label_index)
-        return head_cross_entropy(self.adapter.head, h, targets), None
+        parts = self.adapter.head_parts() if hasattr(self.adapter, "head_parts") else None
+        return head_cross_entropy(self.adapter.head, h, targets, parts=parts), None
 
     # ------------------------------------------------------------------ helpers
 

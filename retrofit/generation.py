@@ -14,8 +14,11 @@ Inference reads a stream of tokens (prompt and generated alike) in chunks of L t
 * `consolidate` (`model.sleep(cache)`) sleeps the current chunk now, full or not, and starts a new chunk at the
   current position: what a server can do while it waits for the user.
 
-KV memory is bounded: each attention block holds at most L-1 retained tokens plus the current chunk (<= L tokens),
-and a sliding-window block at most its window - 1 of them (older keys are never read again).
+Memory is fixed after the first step: each attention block keeps a `KVRing` of the L-1 earlier tokens a query can
+read (a sliding-window block its window - 1), each linear block one fast state, and the current chunk's tokens sit
+in `[B, L]` buffers; every step updates them in place, and masks and positions come from tensors. That makes the
+one-token wake step the same computation at every position, so on CUDA it is captured once as a CUDA graph and
+replayed (one launch per token instead of one per kernel), and so is the sleep of a full window.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ checkpoint whose weights do not match its config.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,7 +38,15 @@ class DecoderAdapter:
         return self.model.embed_tokens(input_ids)
 
     def head(self, h: Tensor) -> Tensor:
-        return self.lm_head(self.model.norm(h))
+        return self.lm_head(self.head_features(h))
+
+    def head_features(self, h: Tensor) -> Tensor:
+        """What the head computes before its output projection: the final norm."""
+        return self.model.norm(h)
+
+    def head_parts(self) -> tuple[Callable[[Tensor], Tensor], nn.Module]:
+        """The head as (features, output projection), for fused loss kernels (`retrofit.ops.cross_entropy`)."""
+        return self.head_features, self.lm_head
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         return self.model.rotary_emb(positions, dtype=self.model.embed_tokens.weight.dtype)

@@ -186,8 +186,9 @@ class OuroAdapter(DecoderAdapter):
         super().__init__(causal_lm, causal_lm.default_loop_range())
         self.blocks = causal_lm.model.stack()
 
-    def head(self, h: Tensor) -> Tensor:
-        return self.lm_head(h)
+    def head_features(self, h: Tensor) -> Tensor:
+        """Nothing: the step's last block applies the norm."""
+        return h
 
 
 class OuroForCausalLM(SleepCausalLMMixin, OuroPreTrainedModel, GenerationMixin):

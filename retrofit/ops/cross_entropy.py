@@ -5,6 +5,10 @@ gradient: for Qwen3.5's 248K vocabulary and a 2000-token window at batch 8, 16 G
 `HEAD_ROWS` rows at a time, each chunk's loss is summed, and its logits are recomputed in the backward instead of
 kept (activation checkpointing), so at most one chunk of logits lives at a time. The head is any callable (final norm
 and `lm_head`), so module hooks (DeepSpeed ZeRO-3's gathers, PEFT's adapters) run as they do in a plain forward.
+
+On CUDA, where fla is installed and `lm_head` is a plain `nn.Linear` whose whole weight is here (no PEFT wrapper, no
+ZeRO-3 partition, no hooks), fla's fused linear cross-entropy does the same in Triton: chunks of rows, the gradient
+computed in the forward, logits never kept (`USE_FLA = False` turns it off, for comparisons).
 """
 
 from __future__ import annotations
@@ -13,17 +17,32 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from retrofit.ops.gated_delta_rule import select_fla_module
+
 HEAD_ROWS = 1024  # rows of logits per chunk: 1 GiB of float32 at a 248K vocabulary
+USE_FLA = True
+_FLA_MODULE = "fla.modules.fused_linear_cross_entropy"
 
 
 def head_cross_entropy(
-    head: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor, rows: int | None = None
+    head: Callable[[Tensor], Tensor],
+    hidden: Tensor,
+    targets: Tensor,
+    rows: int | None = None,
+    parts: tuple[Callable[[Tensor], Tensor], nn.Module] | None = None,
 ) -> Tensor:
     """Summed cross-entropy of `head(hidden)` [N, V] against `targets` [N] (no ignored entries), in at least float32,
-    computed `rows` rows (default `HEAD_ROWS`) at a time (see the module docstring); one call when N <= rows."""
+    computed `rows` rows (default `HEAD_ROWS`) at a time (see the module docstring); one call when N <= rows.
+
+    `parts` splits the head into what comes before its output projection and that projection (`lm_head`): with
+    them, fla's fused kernel serves where it can (module docstring)."""
+    fused = _fla_fused_loss(hidden, parts)
+    if fused is not None:
+        features, lm_head = parts
+        return fused(features(hidden), targets, lm_head.weight, lm_head.bias, reduction="sum")
     rows = rows or HEAD_ROWS
     if hidden.shape[0] <= rows:
         return _summed_loss(head, hidden, targets)
@@ -37,3 +56,20 @@ def head_cross_entropy(
 def _summed_loss(head: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor) -> Tensor:
     logits = head(hidden)
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="sum")
+
+
+def _fla_fused_loss(hidden: Tensor, parts: tuple[Callable[[Tensor], Tensor], nn.Module] | None) -> Callable | None:
+    """fla's `fused_linear_cross_entropy_loss` where it computes exactly this head's loss, else None."""
+    if not USE_FLA or parts is None:
+        return None
+    lm_head = parts[1]
+    weight = lm_head.weight if isinstance(lm_head, nn.Linear) else None
+    whole = (
+        type(lm_head) is nn.Linear
+        and type(weight) in (torch.Tensor, nn.Parameter)
+        and weight.numel() > 0
+        and not hasattr(weight, "ds_id")  # a DeepSpeed ZeRO-3 parameter: gathered by hooks only
+        and not (lm_head._forward_hooks or lm_head._forward_pre_hooks)
+    )
+    module = select_fla_module(hidden, _FLA_MODULE) if whole else None
+    return None if module is None else module.fused_linear_cross_entropy_loss
