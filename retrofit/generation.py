@@ -182,7 +182,8 @@ class SleepCache(StreamingCache):
         ids, positions, valid = self.chunk.first(length)
         padded = not bool(valid.all())
         captured = self._captured_sleep
-        slept = captured.run(self, engine) if captured is not None and captured.fits(self, padded) else None
+        replay = captured is not None and self._may_capture(ids) and captured.fits(self, padded)
+        slept = captured.run(self, engine) if replay else None
         if slept is None:
             slept = engine.sleep(ids, self.chunk_start, positions, self.chunk_start_states, self.windows, valid, padded)
             self._prepare_sleep_capture(engine, length, padded)
@@ -207,10 +208,15 @@ class SleepCache(StreamingCache):
         full_window = length == engine.config.window and not padded
         started = all(s is not None for s, b in zip(self.chunk_start_states, engine.adapter.blocks, strict=True)
                       if b.kind == "linear")  # fmt: skip
-        if self.capture and self.chunk.ids.is_cuda and full_window and started and self._captured_sleep is None:
+        if self._may_capture(self.chunk.ids) and full_window and started and self._captured_sleep is None:
             self._captured_sleep = _CapturedSleep(
                 self._capture_stream(), _shapes(self.chunk_start_states, self.windows)
             )
+
+    def _may_capture(self, tensor: Tensor) -> bool:
+        """Whether steps on `tensor` may replay CUDA graphs: asked for, on CUDA, and without autograd (a replayed
+        step records no graph for a backward)."""
+        return self.capture and tensor.is_cuda and not torch.is_grad_enabled()
 
     def _capture_stream(self) -> torch.cuda.Stream:
         """The side stream on which this cache's CUDA graphs are warmed up and captured."""
@@ -238,7 +244,7 @@ class SleepCache(StreamingCache):
         """The wake logits of tokens that all belong to the current chunk: a replayed CUDA graph for one real token
         on CUDA once a step has run eagerly, else the eager pass."""
         padded = not bool(valid.all())
-        replayable = self.capture and input_ids.is_cuda and input_ids.shape[1] == 1 and not padded
+        replayable = self._may_capture(input_ids) and input_ids.shape[1] == 1 and not padded
         if not replayable:
             return self._wake(engine, input_ids, valid, padded)
         if self._captured is None:
