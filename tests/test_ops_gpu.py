@@ -236,3 +236,5 @@ def test_fla_fused_head_loss_equals_the_chunked_loss_and_its_gradients():
     hook = lm_head.register_forward_hook(lambda *_: None)  # e.g. ZeRO-3's gather: only the module call runs it
     assert cross_entropy._fla_fused_loss(hidden, (norm, lm_head)) is None
     hook.remove()
+    with torch.no_grad():  # evaluation: the fused kernel would compute gradients for nothing
+        assert cross_entropy._fla_fused_loss(hidden, (norm, lm_head)) is None

@@ -6,9 +6,10 @@ gradient: for Qwen3.5's 248K vocabulary and a 2000-token window at batch 8, 16 G
 kept (activation checkpointing), so at most one chunk of logits lives at a time. The head is any callable (final norm
 and `lm_head`), so module hooks (DeepSpeed ZeRO-3's gathers, PEFT's adapters) run as they do in a plain forward.
 
-On CUDA, where fla is installed and `lm_head` is a plain `nn.Linear` whose whole weight is here (no PEFT wrapper, no
-ZeRO-3 partition, no hooks), fla's fused linear cross-entropy does the same in Triton: chunks of rows, the gradient
-computed in the forward, logits never kept (`USE_FLA = False` turns it off, for comparisons).
+On CUDA, where fla is installed and `lm_head` is a plain, trained `nn.Linear` whose whole weight is here (no PEFT
+wrapper, no ZeRO-3 partition, no hooks), fla's fused linear cross-entropy does the same in Triton while gradients are
+on: chunks of rows, the gradients computed in the forward, logits never kept (`USE_FLA = False` turns it off, for
+comparisons).
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ def _fla_fused_loss(hidden: Tensor, parts: tuple[Callable[[Tensor], Tensor], nn.
     lm_head = parts[1]
     weight = lm_head.weight if isinstance(lm_head, nn.Linear) else None
     whole = (
-        type(lm_head) is nn.Linear
+        torch.is_grad_enabled()  # it computes the head's gradients in its forward: wasted in evaluation
+        and type(lm_head) is nn.Linear
+        and weight.requires_grad  # a frozen head (LoRA elsewhere): its weight gradient would be wasted too
         and type(weight) in (torch.Tensor, nn.Parameter)
         and weight.numel() > 0
         and not hasattr(weight, "ds_id")  # a DeepSpeed ZeRO-3 parameter: gathered by hooks only
