@@ -470,9 +470,10 @@ def _copy_state(into: LinearState, state: LinearState) -> None:
 
 
 def _shapes(states: list[BlockState], windows: list[KVWindow | None]) -> list:
-    """What a captured sleep's inputs look like: each state's and window's tensor shapes (None where absent)."""
+    """What a captured sleep's inputs look like: each state's and window's tensor shapes (None where absent), and
+    whether a window may hold padding (a window without it is attended without a mask)."""
     return [
-        (None if s is None else s.recurrent.shape, None if w is None else w.keys.shape)
+        (None if s is None else s.recurrent.shape, None if w is None else (w.keys.shape, w.padded))
         for s, w in zip(states, windows, strict=True)
     ]
 
