@@ -93,7 +93,7 @@ class KVWindow(NamedTuple):
         return KVWindow(keys, values, self.valid[:, drop:], self.start + drop, self.padded, index)
 
     def detach(self) -> KVWindow:
-        return KVWindow(self.keys.detach(), self.values.detach(), self.valid, self.start, self.padded)
+        return KVWindow(self.keys.detach(), self.values.detach(), self.valid, self.start, self.padded, self.index)
 
 
 # The stream index of a slot that holds no token: no query is ever at distance 0 from it.
@@ -130,16 +130,21 @@ class KVRing:
         window = window.last(self.capacity)
         index = window.indices()
         if self.keys is None:
-            batch, heads, _, dim = window.keys.shape
-            self.keys = window.keys.new_zeros(batch, heads, self.capacity, dim)
-            self.values = window.values.new_zeros(batch, heads, self.capacity, window.values.shape[-1])
-            self.valid = torch.zeros(batch, self.capacity, dtype=torch.bool, device=index.device)
-            self.index = torch.full((self.capacity,), NO_TOKEN, dtype=torch.long, device=index.device)
+            self._allocate(window)
         slots = index % self.capacity
         self.keys.index_copy_(2, slots, window.keys)
         self.values.index_copy_(2, slots, window.values)
         self.valid.index_copy_(1, slots, window.valid)
         self.index.index_copy_(0, slots, index)
+
+    def _allocate(self, like: KVWindow) -> None:
+        batch, heads, _, dim = like.keys.shape
+        device = like.keys.device
+        with torch.inference_mode(False):  # storage that later steps update in place, in or out of inference mode
+            self.keys = like.keys.new_zeros(batch, heads, self.capacity, dim)
+            self.values = like.values.new_zeros(batch, heads, self.capacity, like.values.shape[-1])
+            self.valid = torch.zeros(batch, self.capacity, dtype=torch.bool, device=device)
+            self.index = torch.full((self.capacity,), NO_TOKEN, dtype=torch.long, device=device)
 
     def window(self) -> KVWindow:
         """The buffer as a `KVWindow` with per-slot stream indices (empty slots are invalid)."""

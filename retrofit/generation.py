@@ -208,9 +208,11 @@ class SleepCache(StreamingCache):
         full_window = length == engine.config.window and not padded
         started = all(s is not None for s, b in zip(self.chunk_start_states, engine.adapter.blocks, strict=True)
                       if b.kind == "linear")  # fmt: skip
-        if self._may_capture(self.chunk.ids) and full_window and started and self._captured_sleep is None:
+        current = self._captured_sleep  # not captured yet: follow the shapes of this latest warm-up
+        unused = current is None or (current.graph is None and not current.failed)
+        if self._may_capture(self.chunk.ids) and full_window and started and unused:
             self._captured_sleep = _CapturedSleep(
-                self._capture_stream(), _shapes(self.chunk_start_states, self.windows)
+                self._capture_stream(self.chunk.ids.device), _shapes(self.chunk_start_states, self.windows)
             )
 
     def _may_capture(self, tensor: Tensor) -> bool:
@@ -218,14 +220,18 @@ class SleepCache(StreamingCache):
         step records no graph for a backward)."""
         return self.capture and tensor.is_cuda and not torch.is_grad_enabled()
 
-    def _capture_stream(self) -> torch.cuda.Stream:
-        """The side stream on which this cache's CUDA graphs are warmed up and captured."""
+    def _capture_stream(self, device: torch.device) -> torch.cuda.Stream:
+        """The side stream, on the buffers' device, on which this cache's CUDA graphs are warmed up and captured."""
         if self._stream is None:
-            self._stream = torch.cuda.Stream()
+            self._stream = torch.cuda.Stream(device=device)
         return self._stream
 
     def _allocate(self, engine: SleepEngine, valid: Tensor) -> None:
         """Size every buffer to the model and the batch (KV storage is allocated on its first write)."""
+        with torch.inference_mode(False):  # buffers that later steps update in place, in or out of inference mode
+            self._allocate_buffers(engine, valid)
+
+    def _allocate_buffers(self, engine: SleepEngine, valid: Tensor) -> None:
         blocks, window = engine.adapter.blocks, engine.config.window
         self.chunk_start_states, self.states = [None] * len(blocks), [None] * len(blocks)
         self.windows = [None] * len(blocks)
@@ -248,7 +254,7 @@ class SleepCache(StreamingCache):
         if not replayable:
             return self._wake(engine, input_ids, valid, padded)
         if self._captured is None:
-            self._captured = _CapturedWake.first_step(self, engine, input_ids, self._capture_stream())
+            self._captured = _CapturedWake.first_step(self, engine, input_ids, self._capture_stream(input_ids.device))
             return self._captured.warm_logits
         return self._captured.replay(self, engine, input_ids)
 
@@ -286,8 +292,9 @@ class _CapturedWake:
 
     def __init__(self, input_ids: Tensor, stream: torch.cuda.Stream) -> None:
         self.stream = stream
-        self.input_ids = input_ids.clone()
-        self.valid = torch.ones_like(input_ids, dtype=torch.bool)
+        with torch.inference_mode(False):  # inputs that every replay overwrites in place
+            self.input_ids = input_ids.clone()
+            self.valid = torch.ones_like(input_ids, dtype=torch.bool)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None
         self.warm_logits: Tensor | None = None
@@ -298,10 +305,10 @@ class _CapturedWake:
         cls, cache: SleepCache, engine: SleepEngine, input_ids: Tensor, stream: torch.cuda.Stream
     ) -> _CapturedWake:
         captured = cls(input_ids, stream)
-        stream.wait_stream(torch.cuda.current_stream())
+        stream.wait_stream(torch.cuda.current_stream(stream.device))
         with torch.cuda.stream(stream):
             captured.warm_logits = cache._wake(engine, captured.input_ids, captured.valid, False)
-        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.current_stream(stream.device).wait_stream(stream)
         return captured
 
     def replay(self, cache: SleepCache, engine: SleepEngine, input_ids: Tensor) -> Tensor:
@@ -437,15 +444,16 @@ class _CapturedSleep:
         ]
 
     def _capture(self, cache: SleepCache, engine: SleepEngine) -> bool:
-        self.ids, self.positions, self.valid = cache.chunk.first(cache.chunk_length)
+        with torch.inference_mode(False):  # inputs that every replay overwrites in place
+            self.ids, self.positions, self.valid = cache.chunk.first(cache.chunk_length)
+            self.states = [None if s is None else _clone_state(s) for s in cache.chunk_start_states]
+            self.windows = [
+                None if w is None else w._replace(keys=w.keys.clone(), values=w.values.clone(), valid=w.valid.clone())
+                for w in cache.windows
+            ]
         self.start = cache.chunk_start
-        self.states = [None if s is None else _clone_state(s) for s in cache.chunk_start_states]
-        self.windows = [
-            None if w is None else w._replace(keys=w.keys.clone(), values=w.values.clone(), valid=w.valid.clone())
-            for w in cache.windows
-        ]
         graph = torch.cuda.CUDAGraph()
-        self.stream.wait_stream(torch.cuda.current_stream())
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
         try:
             with torch.cuda.graph(graph, stream=self.stream):
                 self.out_states, self.out_windows = engine.sleep(
@@ -460,7 +468,9 @@ class _CapturedSleep:
 
 
 def _clone_state(state: LinearState) -> LinearState:
-    return LinearState(state.recurrent.clone(), tuple(c.clone() for c in state.conv))
+    """A copy that later steps may update in place, also when it was made in inference mode."""
+    with torch.inference_mode(False):
+        return LinearState(state.recurrent.clone(), tuple(c.clone() for c in state.conv))
 
 
 def _copy_state(into: LinearState, state: LinearState) -> None:

@@ -183,6 +183,21 @@ def test_idle_sleep_equals_a_chunk_boundary_at_that_position(eviction):
     assert model.sleep(SleepCache()) == 0  # nothing to consolidate
 
 
+def test_a_stream_started_in_inference_mode_sleeps_and_continues_outside_it():
+    """A server may decode under `torch.inference_mode()` and sleep or continue under `no_grad`: the cache's buffers,
+    updated in place, take both, and the logits equal streaming that sleeps at 4, 6 (idle) and 10."""
+    model = apply_sleep(tiny_hybrid(), SleepConfig(window=4, passes=2, eviction="sliding"))
+    ids, _ = random_batch(1, 14, 19, seed=7)
+    cache = SleepCache()
+    with torch.inference_mode():
+        first = model(ids[:, :6], cache=cache).logits
+    assert model.sleep(cache) == 2
+    with torch.no_grad():
+        rest = model(ids[:, 6:], cache=cache).logits
+        reference = stream_with_boundaries(model.sleep_engine(), ids, [4, 6, 10])
+    assert (torch.cat([first, rest], dim=1) - reference).abs().max() < TOL
+
+
 @pytest.mark.parametrize("family", ["hybrid", "jet_nemotron"])
 def test_a_model_without_sleep_decodes_through_a_kv_cache(families, family):
     """Without a sleep config `generate` streams through a `StreamCache` (no eviction): uneven segments of a
