@@ -160,7 +160,7 @@ class KVRing:
         """(tokens held before stream index `since`, tokens held from it on), counted on the batch's first row."""
         if self.valid is None:
             return 0, 0
-        present = self.valid[0] & (self.index != NO_TOKEN)
+        present = self.valid[0]  # a slot is valid only once written, and until cleared
         later = present & (self.index >= since)
         return int((present & ~later).sum()), int(later.sum())
 

@@ -329,79 +329,6 @@ class _CapturedWake:
         return self.logits.clone()
 
 
-class StreamCache(StreamingCache):
-    """The keys, values and fast states of a model without sleep, so that `generate` feeds only the new tokens.
-
-    Nothing is evicted: each attention block keeps every key it can still read (a sliding-window block its window),
-    as a plain transformer's cache does. A model that runs its stack several times per token (Ouro's UT steps) keeps
-    one set per pass, as Ouro's published cache keeps one KV slot per (step, layer).
-
-    Attributes:
-        states: `[pass][block]` fast state after the last token seen.
-        windows: `[pass][block]` keys and values of the tokens seen (attention blocks), or None.
-        seen: tokens seen so far (padding included).
-        num_valid: `[B]` real tokens seen so far per row; RoPE positions count these.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.states: list[list[BlockState]] = []
-        self.windows: list[list[KVWindow | None]] = []
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: keep the rows `beam_idx` of every state, window and count (nothing is evicted to undo)."""
-
-        def rows(x: Tensor) -> Tensor:
-            return x.index_select(0, beam_idx.to(x.device))
-
-        self.states = [
-            [None if s is None else LinearState(rows(s.recurrent), tuple(rows(c) for c in s.conv)) for s in states]
-            for states in self.states
-        ]
-        self.windows = [
-            [
-                None if w is None else w._replace(keys=rows(w.keys), values=rows(w.values), valid=rows(w.valid))
-                for w in ws
-            ]
-            for ws in self.windows
-        ]
-        if self.num_valid is not None:
-            self.num_valid = rows(self.num_valid)
-
-    def run(
-        self, adapter: SleepAdapter, input_ids: Tensor, valid: Tensor, passes: int, positions: Tensor | None = None
-    ) -> list[Tensor]:
-        """Run `passes` passes of every block over the new tokens; return h after each pass, each `[B, T, D]`.
-
-        `positions` (RoPE ids of the new tokens) default to counting the real tokens of the stream.
-        """
-        blocks = adapter.blocks
-        if self.num_valid is None:
-            self.states = [[None] * len(blocks) for _ in range(passes)]
-            self.windows = [[None] * len(blocks) for _ in range(passes)]
-            self.num_valid = valid.new_zeros(valid.shape[0], dtype=torch.long)
-        elif len(self.states) != passes:
-            raise ValueError(
-                f"this cache holds {len(self.states)} pass(es) per token, and this call runs {passes}: keep the "
-                "number of passes (ut_steps) fixed while streaming, or start a new cache"
-            )
-        if positions is None:
-            positions = self.positions_after(self.num_valid, valid)
-        chunk = Chunk(self.seen, positions, valid, adapter.rope(positions), None, not bool(valid.all()))
-        h, outputs = adapter.embed(input_ids), []
-        for states, windows in zip(self.states, self.windows, strict=True):
-            for i, block in enumerate(blocks):
-                h, states[i], own = block(h, states[i], windows[i], chunk)
-                if own is not None:
-                    windows[i] = join_readable(windows[i], own, block.kv_window)
-            outputs.append(h)
-        self.advance(valid)
-        return outputs
-
-
-# ---------------------------------------------------------------------- command line
-
-
 class _CapturedSleep:
     """The sleep of a full window (N passes, then eviction) as a CUDA graph, captured on its first use and replayed
     for every later full window whose start states and retained windows have the shapes it was warmed up with.
@@ -496,3 +423,73 @@ def _capture_failed(step: str, what: str, error: Exception) -> None:
     if step not in _CAPTURE_FAILED:
         _CAPTURE_FAILED.add(step)
         warnings.warn(f"{step} runs eagerly: capturing {what} as a CUDA graph failed ({error})", stacklevel=4)
+
+
+class StreamCache(StreamingCache):
+    """The keys, values and fast states of a model without sleep, so that `generate` feeds only the new tokens.
+
+    Nothing is evicted: each attention block keeps every key it can still read (a sliding-window block its window),
+    as a plain transformer's cache does. A model that runs its stack several times per token (Ouro's UT steps) keeps
+    one set per pass, as Ouro's published cache keeps one KV slot per (step, layer).
+
+    Attributes:
+        states: `[pass][block]` fast state after the last token seen.
+        windows: `[pass][block]` keys and values of the tokens seen (attention blocks), or None.
+        seen: tokens seen so far (padding included).
+        num_valid: `[B]` real tokens seen so far per row; RoPE positions count these.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.states: list[list[BlockState]] = []
+        self.windows: list[list[KVWindow | None]] = []
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: keep the rows `beam_idx` of every state, window and count (nothing is evicted to undo)."""
+
+        def rows(x: Tensor) -> Tensor:
+            return x.index_select(0, beam_idx.to(x.device))
+
+        self.states = [
+            [None if s is None else LinearState(rows(s.recurrent), tuple(rows(c) for c in s.conv)) for s in states]
+            for states in self.states
+        ]
+        self.windows = [
+            [
+                None if w is None else w._replace(keys=rows(w.keys), values=rows(w.values), valid=rows(w.valid))
+                for w in ws
+            ]
+            for ws in self.windows
+        ]
+        if self.num_valid is not None:
+            self.num_valid = rows(self.num_valid)
+
+    def run(
+        self, adapter: SleepAdapter, input_ids: Tensor, valid: Tensor, passes: int, positions: Tensor | None = None
+    ) -> list[Tensor]:
+        """Run `passes` passes of every block over the new tokens; return h after each pass, each `[B, T, D]`.
+
+        `positions` (RoPE ids of the new tokens) default to counting the real tokens of the stream.
+        """
+        blocks = adapter.blocks
+        if self.num_valid is None:
+            self.states = [[None] * len(blocks) for _ in range(passes)]
+            self.windows = [[None] * len(blocks) for _ in range(passes)]
+            self.num_valid = valid.new_zeros(valid.shape[0], dtype=torch.long)
+        elif len(self.states) != passes:
+            raise ValueError(
+                f"this cache holds {len(self.states)} pass(es) per token, and this call runs {passes}: keep the "
+                "number of passes (ut_steps) fixed while streaming, or start a new cache"
+            )
+        if positions is None:
+            positions = self.positions_after(self.num_valid, valid)
+        chunk = Chunk(self.seen, positions, valid, adapter.rope(positions), None, not bool(valid.all()))
+        h, outputs = adapter.embed(input_ids), []
+        for states, windows in zip(self.states, self.windows, strict=True):
+            for i, block in enumerate(blocks):
+                h, states[i], own = block(h, states[i], windows[i], chunk)
+                if own is not None:
+                    windows[i] = join_readable(windows[i], own, block.kv_window)
+            outputs.append(h)
+        self.advance(valid)
+        return outputs

@@ -22,7 +22,7 @@ def attention_mask(keys: KVWindow, chunk: Chunk, window: int | None) -> Tensor:
     query_index = (
         chunk.index if chunk.index is not None else chunk.start + torch.arange(chunk.valid.shape[1], device=device)
     )
-    key_index = keys.index if keys.index is not None else keys.start + torch.arange(keys.length, device=device)
+    key_index = keys.indices()
     distance = query_index[:, None] - key_index[None, :]
     allowed = distance >= 0
     if window is not None:
