@@ -6,7 +6,8 @@ A checkpoint `OUTPUT_DIR/checkpoints/step_000100/` holds:
   names, so only the trained weights are stored);
 - the optimizer, the LR schedule and the random generators of every process, as safetensors and JSON
   (`retrofit.training.safe_state`): resuming never unpickles, so a doctored checkpoint cannot run code. Under
-  DeepSpeed, the engine's own files (pickles, which DeepSpeed loads itself) hold optimizer and weights instead;
+  DeepSpeed, `engine/` holds the engine's own (sharded) optimizer state and weights instead of the optimizer's
+  files, which resuming loads tensors-only (`torch.load(weights_only=True)`);
 - `trainer_state.json` (the step; the data position is a function of it) and `recipe.yaml`.
 
 A run killed at any moment leaves either a complete checkpoint or a `.tmp-*` folder, which is ignored and removed
@@ -39,7 +40,15 @@ from retrofit.lora import ADAPTER_WEIGHTS_FILE, is_adapter_dir, load_adapter, sa
 from retrofit.recipes import RecipeError
 from retrofit.training.distributed import gather_state_dict, zero_stage
 from retrofit.training.resume import load_schedule, with_current_hyperparameters
-from retrofit.training.safe_state import load_tree, pickles_in, random_states, save_tree, set_random_states
+from retrofit.training.safe_state import (
+    ENGINE_DIR,
+    load_tree,
+    pickles_in,
+    random_states,
+    save_tree,
+    set_random_states,
+    tensors_only_loading,
+)
 
 CHECKPOINTS = "checkpoints"
 EVAL_DIR = "eval"  # one JSON per evaluation during training, `step_NNNNNN.json`
@@ -110,26 +119,6 @@ def output_dir_lock(output_dir: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.lockf(handle, fcntl.LOCK_UN)
-
-
-def register_model_hooks(
-    accelerator: Accelerator,
-    config_overrides: dict[str, Any] | None = None,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-) -> None:
-    """Make `save_state`/`load_state` store the model in `model/` as users load it (`save_model_files`), with the
-    tokenizer beside it, so that a checkpoint's `model/` generates and publishes on its own."""
-
-    def save_model(models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
-        save_model_folder(accelerator, models[0], Path(output_dir), config_overrides, tokenizer)
-        weights.clear()
-
-    def load_model(models: list[nn.Module], input_dir: str) -> None:
-        if models:  # else DeepSpeed: the engine restored the weights from its own checkpoint files
-            load_model_folder(accelerator.unwrap_model(models.pop()), Path(input_dir))
-
-    accelerator.register_save_state_pre_hook(save_model)
-    accelerator.register_load_state_pre_hook(load_model)
 
 
 def save_model_folder(
@@ -216,14 +205,16 @@ def save_checkpoint(
             shutil.rmtree(stale)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    if zero_stage(accelerator) is not None:
-        accelerator.save_state(str(tmp))  # DeepSpeed's engine writes its own (sharded) files
-    else:
-        save_model_folder(accelerator, trained.model, tmp, trained.config_overrides, trained.tokenizer)
-        if accelerator.is_main_process:
+    save_model_folder(accelerator, trained.model, tmp, trained.config_overrides, trained.tokenizer)
+    if zero_stage(accelerator) is not None:  # the engine writes its (sharded) optimizer state and weights itself
+        trained.model.save_checkpoint(str(tmp), tag=ENGINE_DIR, save_latest=False)
+    if accelerator.is_main_process:
+        if zero_stage(accelerator) is None:
             save_tree(trained.optimizer.state_dict(), tmp, "optimizer")
-            save_tree(trained.scheduler.state_dict(), tmp, "scheduler")
-        save_tree(random_states(), tmp, f"random_states_{accelerator.process_index}")
+        for script in tmp.glob("zero_to_*.py"):  # DeepSpeed's merging scripts: `model/` holds the merged weights
+            script.unlink()
+        save_tree(trained.scheduler.state_dict(), tmp, "scheduler")
+    save_tree(random_states(), tmp, f"random_states_{accelerator.process_index}")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
@@ -240,25 +231,39 @@ def save_checkpoint(
 
 def load_checkpoint(accelerator: Accelerator, path: Path, trained: Trained) -> TrainerState:
     """Restore model, optimizer, scheduler and RNG states from `path`; return the trainer state. A checkpoint that
-    holds a pickle is refused (`ValueError`) before anything is read, under DeepSpeed too for the files outside the
-    engine's own."""
-    if zero_stage(accelerator) is not None:
-        accelerator.load_state(str(path))
-        return saved_state(path)
+    holds a pickle is refused (`ValueError`) before anything is read; DeepSpeed's own tensor files are loaded
+    tensors-only (`tensors_only_loading`)."""
     pickles = pickles_in(path)
     if pickles:
         raise ValueError(
             f"{path} holds {', '.join(pickles)}: a file this toolkit never writes (a pickle, or an older version's "
             "checkpoint), which loading could run as code; resume from a checkpoint without it"
         )
-    load_model_folder(accelerator.unwrap_model(trained.model), path)
-    optimizer_state = load_tree(path, "optimizer")
-    trained.optimizer.load_state_dict(with_current_hyperparameters(optimizer_state, trained.optimizer.state_dict()))
+    if zero_stage(accelerator) is not None:
+        load_engine_state(trained, path)
+    else:
+        load_model_folder(accelerator.unwrap_model(trained.model), path)
+        optimizer_state = load_tree(path, "optimizer")
+        current = trained.optimizer.state_dict()
+        trained.optimizer.load_state_dict(with_current_hyperparameters(optimizer_state, current))
     load_schedule(trained.scheduler, load_tree(path, "scheduler"))
     rng = path / f"random_states_{accelerator.process_index}.json"
     if rng.is_file():  # a run resumed on more processes than wrote it draws fresh on the new ones
         set_random_states(load_tree(path, rng.stem))
     return saved_state(path)
+
+
+def load_engine_state(trained: Trained, path: Path) -> None:
+    """Restore the DeepSpeed engine's weights and optimizer state from `path/ENGINE_DIR`, keeping the optimizer's
+    hyperparameters as this run's recipe sets them (only the moments and master weights come from the checkpoint)."""
+    groups = trained.optimizer.param_groups
+    hyperparameters = [{key: value for key, value in group.items() if key != "params"} for group in groups]
+    with tensors_only_loading(trained.model):
+        loaded, _ = trained.model.load_checkpoint(str(path), tag=ENGINE_DIR, load_lr_scheduler_states=False)
+    if loaded is None:  # DeepSpeed warns and returns None for a missing file
+        raise ValueError(f"{path / ENGINE_DIR} holds no DeepSpeed checkpoint of this run's processes")
+    for group, values in zip(trained.optimizer.param_groups, hyperparameters, strict=True):
+        group.update(values)
 
 
 def is_checkpoint(path: Path) -> bool:

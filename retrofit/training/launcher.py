@@ -3,13 +3,19 @@
 The launch configuration itself (modes, configs, the command) lives in `retrofit.launch`; this is the part that
 needs the training side too (the resume point), so that training depends on the launch configuration and not the
 reverse.
+
+The printed command is `accelerate launch ...`; it runs as `python -m retrofit.training.launcher launch ...`, the
+same launcher, whose own report of a failed process (torch's `ChildFailedError` traceback) is left out: every
+process says in one line what went wrong, and the exit code is the failed process's.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import shlex
+import signal
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -59,4 +65,26 @@ def launch_train(
             "launch",
             f"{plan.mode} needs DeepSpeed, which is not installed here: pip install deepspeed, or use multi_gpu",
         )
-    return subprocess.run(command, check=False).returncode
+    return subprocess.run([sys.executable, "-m", __name__, *command[1:]], check=False).returncode
+
+
+def run_accelerate_launch() -> int:
+    """`accelerate launch` (arguments from `sys.argv`); a failed process gives its exit code, not a traceback (a
+    signal N gives 128 + N, as a shell reports it)."""
+    from accelerate.commands.accelerate_cli import main as accelerate_main
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        accelerate_main()
+    except ChildFailedError as exc:
+        _, failure = exc.get_first_failure()
+        code = failure.exitcode
+        if code < 0:
+            print(f"error: a training process was killed by {signal.Signals(-code).name}", file=sys.stderr)
+            return 128 - code
+        return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_accelerate_launch())

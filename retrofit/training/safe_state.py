@@ -6,13 +6,23 @@ Resuming must never run code from a checkpoint, and a pickle can (accelerate's `
 a tree of dicts, lists, tuples, tensors, numpy arrays and JSON scalars; `save_tree` writes its tensors to
 `NAME.safetensors` and the rest to `NAME.json`, with tags that keep what JSON would lose (integer dict keys, tuples,
 numpy arrays), and `load_tree` rebuilds the same tree. Anything else is refused when saving.
+
+Under DeepSpeed the engine writes its own files (`*.pt`: weights, sharded optimizer state), which it would load with
+`torch.load(weights_only=False)`. `tensors_only_loading` makes it load them with `weights_only=True` instead,
+allowing only the few DeepSpeed classes its state holds (`DEEPSPEED_STATE_CLASSES`): a pickle that names anything
+else is refused before it runs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
+import pickle
 import random
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +31,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 SUFFIXES = (".json", ".safetensors")
+ENGINE_DIR = "engine"  # DeepSpeed's own files in a checkpoint, loaded by `tensors_only_loading`
+# What DeepSpeed 0.19's ZeRO checkpoints hold besides tensors and plain containers (found with
+# `torch.serialization.get_unsafe_globals_in_checkpoint` on ZeRO-2 and ZeRO-3 checkpoints, bf16 and fp32).
+DEEPSPEED_STATE_CLASSES = (
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+)
 
 
 def save_tree(tree: Any, directory: Path, name: str) -> None:
@@ -96,12 +115,37 @@ def set_random_states(states: dict[str, Any]) -> None:
 
 
 def pickles_in(directory: Path) -> list[str]:
-    """The files of a checkpoint that are neither JSON, safetensors nor YAML, nor inside its model folder: what a
-    pickle-free checkpoint never holds."""
+    """The files of a checkpoint that are neither JSON, safetensors nor YAML, nor inside its model folder, nor
+    DeepSpeed's tensor files (`ENGINE_DIR/*.pt`, loaded by `tensors_only_loading`): what resuming never unpickles."""
     found = []
     for root, _, files in os.walk(directory):
         for file in files:
             path = Path(root, file).relative_to(directory)
-            if path.parts[0] != "model" and path.suffix not in (*SUFFIXES, ".yaml"):
+            engine_tensors = path.parts[0] == ENGINE_DIR and path.suffix == ".pt"
+            if path.parts[0] != "model" and path.suffix not in (*SUFFIXES, ".yaml") and not engine_tensors:
                 found.append(str(path))
     return sorted(found)
+
+
+@contextlib.contextmanager
+def tensors_only_loading(engine: Any) -> Iterator[None]:
+    """Within it, the DeepSpeed `engine` loads its checkpoint files with `torch.load(weights_only=True)`, allowing
+    `DEEPSPEED_STATE_CLASSES` besides tensors and containers; a file naming any other class raises
+    `ValueError` naming the file, without running it."""
+    allowed = [getattr(importlib.import_module(module), name) for module, name in DEEPSPEED_STATE_CLASSES]
+
+    def load(path: str, map_location: Any = None) -> Any:
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            named = re.search(r"GLOBAL (\S+)", str(exc))
+            what = f"names {named.group(1)}" if named else "is no tensor file"
+            raise ValueError(f"{Path(path).name} {what}, not DeepSpeed's state: loading it could run code") from None
+
+    files = engine.checkpoint_engine
+    files.load = load  # shadows the class's loader for this instance
+    try:
+        yield
+    finally:
+        del files.load

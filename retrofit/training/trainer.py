@@ -47,7 +47,6 @@ from retrofit.training.checkpoint import (
     load_checkpoint,
     mark_diverged,
     output_dir_lock,
-    register_model_hooks,
     replaced_atomically,
     resume_point,
     save_checkpoint,
@@ -183,8 +182,6 @@ def _train(loaded: LoadedRecipe, *, resume: str | None, overwrite: bool, stop: l
     optimizer = build_optimizer(model, recipe.optimizer)
     scheduler = build_scheduler(optimizer, recipe.optimizer, train_cfg.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)  # DeepSpeed's checkpoints: stepped once per optimizer step
-    register_model_hooks(accelerator, resolved.config_overrides, task.tokenizer)
     trained = Trained(model, optimizer, scheduler, resolved.config_overrides, task.tokenizer)
     log = RunLog(output_dir / LOG_FILE, accelerator)
     state = TrainerState(step=0, tokens_seen=0)
