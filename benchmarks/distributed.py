@@ -24,12 +24,12 @@ start together:
 1. the single-GPU references: tiny and 2B (on GPU 0 and 1), and 2B under DeepSpeed ZeRO-2 on one process (GPU 0),
    the reference of the 2B ZeRO runs (below);
 2. tiny on 2 GPUs, all at once (the tiny runs are small and their numbers do not depend on timing; their tokens/s
-   are marked as shared): DDP, ZeRO-2, ZeRO-3 (checkpoints at steps 10 and 20), and ZeRO-3 with a frozen base (one
-   stage training only the Jet mixers of the looped blocks, with weight decay, so a frozen weight that DeepSpeed
-   still steps would move);
+   are marked as shared): DDP, ZeRO-2, ZeRO-3, FSDP2 (checkpoints at steps 10 and 20), and ZeRO-3 with a frozen
+   base (one stage training only the Jet mixers of the looped blocks, with weight decay, so a frozen weight that
+   DeepSpeed still steps would move);
 3. tiny ZeRO-3 resumed from the step-10 checkpoint;
-4. 2B on 2 GPUs: ZeRO-3 alone, so that its tokens/s measure 1 -> 2 GPU scaling; then ZeRO-2 and DDP at once
-   (141 GB per H200 holds both; tokens/s marked as shared). Their checkpoints are deleted after the run;
+4. 2B on 2 GPUs: ZeRO-3 alone, then FSDP2 alone, so that their tokens/s measure 1 -> 2 GPU scaling; then ZeRO-2 and
+   DDP at once (141 GB per H200 holds both; tokens/s marked as shared). Their checkpoints are deleted after the run;
 5. tiny ZeRO-3 with the sleep blocks as ZeRO-3 leaf modules (DeepSpeed's `zero_optimization.leaf_module`);
 6. reload: every finished run's `model/` folder through `from_pretrained`, its loss on a fixed batch and on the
    eval set (against the run's final evaluation).
@@ -82,7 +82,7 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = 20
 RESUME_STEP = 10
 FROZEN_PATTERNS = ["model.layers.2.self_attn.*", "model.layers.4.self_attn.*", "model.layers.5.self_attn.*"]
-TWO_GPU_MODES = ("multi_gpu", "zero2", "zero3")
+TWO_GPU_MODES = ("multi_gpu", "zero2", "zero3", "fsdp2")
 # The 2B ZeRO-3 run's per-step tolerance: the largest relative difference between two one-process runs of the same
 # recipe that differ only in how the global batch of 16 is split (one micro-batch of 16 against two of 8, so only in
 # summation order), 2x H200, 2026-11-22: 0.29 with autocast (2b/single_gpu, calls 4 and 7) and 0.33 with DeepSpeed's
@@ -196,7 +196,7 @@ def plan_runs(out: Path) -> list[Run]:
         *(run("tiny", mode, checkpoint_every=RESUME_STEP, group=1, port=29510 + i, **shared)
           for i, mode in enumerate(TWO_GPU_MODES)),
     ]  # fmt: skip
-    frozen = run("tiny", "zero3", "_frozen", checkpoint_every=RESUME_STEP, group=1, port=29513, **shared)
+    frozen = run("tiny", "zero3", "_frozen", checkpoint_every=RESUME_STEP, group=1, port=29519, **shared)
     frozen.recipe["stages"] = [{"name": "mixers", "max_steps": STEPS, "trainable": FROZEN_PATTERNS}]
     frozen.recipe["optimizer"]["adamw"]["weight_decay"] = 0.1
     frozen.reference = None
@@ -204,9 +204,10 @@ def plan_runs(out: Path) -> list[Run]:
     resumed = run("tiny", "zero3", "_resume", extra=["--resume", str(original)], from_step=RESUME_STEP + 1, group=2)
     resumed.reference, resumed.tolerance_all = "tiny/zero3", 1e-3
     zero3_2b = run("2b", "zero3", group=3, **big)
-    others_2b = [run("2b", m, group=4, port=29520 + i, **big, **shared) for i, m in enumerate(("zero2", "multi_gpu"))]
-    leaves = run("tiny", "zero3", "_leaf", leaves=True, group=5)
-    return [*runs, frozen, resumed, zero3_2b, *others_2b, leaves]
+    fsdp2_2b = run("2b", "fsdp2", group=4, **big)
+    others_2b = [run("2b", m, group=5, port=29520 + i, **big, **shared) for i, m in enumerate(("zero2", "multi_gpu"))]
+    leaves = run("tiny", "zero3", "_leaf", leaves=True, group=6)
+    return [*runs, frozen, resumed, zero3_2b, fsdp2_2b, *others_2b, leaves]
 
 
 def prepare(run: Run, out: Path) -> tuple[list[str], dict[str, str]]:

@@ -29,7 +29,7 @@ from retrofit.recipes.schema import EvalSection
 from retrofit.tasks import Task
 from retrofit.training.checkpoint import write_atomically
 from retrofit.training.data import collate
-from retrofit.training.distributed import zero_stage
+from retrofit.training.distributed import gathers_per_call
 
 METRIC = "exact match of all supervised tokens (greedy argmax, one forward pass)"
 
@@ -121,8 +121,8 @@ def evaluate(
     """Evaluate `model` on `dataset`; each process takes every N-th example and the counts are summed. With `window`
     (the sleep window L), also the loss by window index.
 
-    Under DeepSpeed ZeRO-3 every process evaluates the whole set instead: its all-gathers pair up by the order of
-    module calls, so processes with different batches (or a different number of them) would deadlock.
+    Under DeepSpeed ZeRO-3 and FSDP2 every process evaluates the whole set instead: its all-gathers pair up by the
+    order of module calls, so processes with different batches (or a different number of them) would deadlock.
     """
     difficulties = sorted(set(dataset["difficulty"]))
     slot = {d: i for i, d in enumerate(difficulties)}
@@ -131,7 +131,7 @@ def evaluate(
     longest = max((len(ids) for ids in dataset["input_ids"]), default=1)
     num_windows = -(-longest // window) if window else 0
     by_window = torch.zeros(num_windows, 2, dtype=torch.float64, device=accelerator.device)  # summed loss, tokens
-    replicated = zero_stage(accelerator) == 3
+    replicated = gathers_per_call(accelerator, model)
     rank, world = accelerator.process_index, accelerator.num_processes
     shard = dataset if replicated else dataset.select(range(rank, len(dataset), world))
     was_training = model.training
@@ -140,7 +140,8 @@ def evaluate(
         rows = shard[start : start + batch_size]
         examples = [{key: rows[key][j] for key in rows} for j in range(len(rows["difficulty"]))]
         batch = {k: v.to(accelerator.device) for k, v in collate(examples, task.tokenizer.pad_token_id).items()}
-        logits = model(**batch, return_logits=True).logits.float()
+        with accelerator.autocast():  # what `prepare` adds to a forward; FSDP2's model is not prepared
+            logits = model(**batch, return_logits=True).logits.float()
         targets = next_token_targets(batch["labels"], batch["attention_mask"].bool())
         supervised = targets != IGNORE_INDEX
         token_loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")

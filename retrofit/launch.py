@@ -8,6 +8,7 @@ A recipe names how it runs with `launch: MODE` or `launch: {mode: MODE, num_proc
 | `multi_gpu` | `multi_gpu.yaml`: DDP, every process holds the whole model | none |
 | `zero2` | `deepspeed_zero2.yaml` | `zero2.json`: optimizer states and gradients sharded |
 | `zero3` | `deepspeed_zero3.yaml` | `zero3.json`: parameters sharded too |
+| `fsdp2` | `fsdp2.yaml`: processes only; the trainer shards with FSDP2 (`retrofit.training.fsdp`) | none |
 
 `retrofit train RECIPE` with a mode, run outside a launched process (`retrofit.training.launcher`), checks the
 recipe against the mode (`check_launch`), writes the DeepSpeed config with its `"auto"` values filled from the recipe
@@ -21,14 +22,16 @@ from `optimizer.grad_clip` (0: off) and `bf16.enabled` from `train.precision`. T
 config given to a plain `accelerate launch` (`retrofit.training.distributed.configure_distributed`).
 
 What a mode refuses (`check_launch`, each an error naming the recipe key):
-- `optimizer.name: muon` under `zero2`/`zero3`: ZeRO hands the optimizer flat 1-D shards of the weights, and
+- `optimizer.name: muon` under `zero2`/`zero3`/`fsdp2`: ZeRO hands the optimizer flat 1-D shards of the weights, and
   `torch.optim.Muon` orthogonalises whole 2-D matrices (it raises on its first step). DeepSpeed's own Muon is a
-  different optimizer, configured in its JSON, which the trainer's optimizer and schedule cannot drive. Under DDP
-  (`multi_gpu`) every process holds whole matrices and the same averaged gradient, so Muon runs as on one GPU.
-- `checkpointing: pass` under `multi_gpu`, `zero2` and `zero3`: it recomputes each pass with a nested (reentrant)
-  backward, so a looped weight's gradient arrives once per pass and chunk, while DDP and ZeRO reduce each gradient
-  once per backward (ZeRO-2 stops with "Gradient computed twice for this partition"; DDP silently averages a
-  partial gradient, or with `find_unused_parameters` stops with "mark a variable ready only once").
+  different optimizer, configured in its JSON, which the trainer's optimizer and schedule cannot drive. FSDP2 gives
+  each process row shards of every matrix, which Muon cannot orthogonalise either. Under DDP (`multi_gpu`) every
+  process holds whole matrices and the same averaged gradient, so Muon runs as on one GPU.
+- `checkpointing: pass` under `multi_gpu`, `zero2`, `zero3` and `fsdp2`: it recomputes each pass with a nested
+  (reentrant) backward, so a looped weight's gradient arrives once per pass and chunk, while DDP, ZeRO and FSDP2
+  reduce each gradient once per backward (ZeRO-2 stops with "Gradient computed twice for this partition"; DDP
+  silently averages a partial gradient, or with `find_unused_parameters` stops with "mark a variable ready only
+  once").
   `checkpointing: chunk` recomputes without nesting.
 - stages that train different parameters under `zero2`/`zero3`: DeepSpeed fixes what it partitions and steps when
   the engine is built, so freezing a parameter later does not take it out of the optimizer.
@@ -51,12 +54,14 @@ from retrofit.training.data import accumulation_steps
 
 LAUNCH_MODES: tuple[str, ...] = get_args(LaunchMode)
 ZERO_MODES = ("zero2", "zero3")
+SHARDED_MODES = (*ZERO_MODES, "fsdp2")  # modes whose optimizer sees shards of the weights
 RECIPES_DIR = shipped_dir("recipes")
 ACCELERATE_CONFIGS = {
     "single_gpu": "single_gpu.yaml",
     "multi_gpu": "multi_gpu.yaml",
     "zero2": "deepspeed_zero2.yaml",
     "zero3": "deepspeed_zero3.yaml",
+    "fsdp2": "fsdp2.yaml",
 }
 DEEPSPEED_CONFIG_FILE = "deepspeed_config.json"
 
@@ -95,7 +100,7 @@ def check_launch(recipe: Recipe, mode: str | None = None, origin: str | None = N
     `origin` says where the mode comes from in the messages (default `launch: MODE`).
     """
     mode = mode or (recipe.launch.mode if recipe.launch else None)
-    if mode not in (*ZERO_MODES, "multi_gpu"):
+    if mode not in (*SHARDED_MODES, "multi_gpu"):
         return
     origin = origin or f"launch: {mode}"
     top = recipe.sleep.get("checkpointing")
@@ -110,15 +115,17 @@ def check_launch(recipe: Recipe, mode: str | None = None, origin: str | None = N
                 "a looped weight's gradient arrives once per pass while DDP and ZeRO reduce it once per backward "
                 "(under DDP the gradients come out wrong); use checkpointing: chunk or none with this launch",
             )
-    if mode not in ZERO_MODES:
+    if mode not in SHARDED_MODES:
         return
     if recipe.optimizer.name == "muon":
         raise RecipeError(
             "optimizer.name",
-            f"muon cannot run under DeepSpeed ZeRO ({origin}): ZeRO gives the optimizer flat 1-D shards of the "
-            "weights and Muon orthogonalises whole 2-D matrices; use optimizer.name: adamw with this launch, or keep "
-            "Muon with launch: multi_gpu (DDP)",
+            f"muon cannot run on sharded weights ({origin}): the optimizer sees shards of each weight and Muon "
+            "orthogonalises whole 2-D matrices; use optimizer.name: adamw with this launch, or keep Muon with "
+            "launch: multi_gpu (DDP)",
         )
+    if mode not in ZERO_MODES:
+        return
     stages = recipe.stages or []
     for i, stage in enumerate(stages[1:], start=1):
         if list(stage.trainable) != list(stages[0].trainable):

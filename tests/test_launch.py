@@ -3,6 +3,7 @@ combinations, and the distributed helpers the trainer calls (`retrofit.training.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import shlex
@@ -94,7 +95,14 @@ def test_launch_takes_a_mode_or_a_mapping(tmp_path, mode):
 @pytest.mark.parametrize("mode", LAUNCH_MODES)
 def test_shipped_accelerate_configs_are_valid_and_match_their_mode(mode):
     config = load_config_from_file(str(accelerate_config(mode)))
-    expected = {"single_gpu": "NO", "multi_gpu": "MULTI_GPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}[mode]
+    expected = {
+        "single_gpu": "NO",
+        "multi_gpu": "MULTI_GPU",
+        "zero2": "DEEPSPEED",
+        "zero3": "DEEPSPEED",
+        "fsdp2": "MULTI_GPU",
+    }
+    expected = expected[mode]  # fsdp2: accelerate starts the processes, the trainer shards
     assert config.distributed_type == DistributedType(expected)
     if mode in ("zero2", "zero3"):
         assert config.mixed_precision is None  # accelerate refuses it next to a DeepSpeed config file
@@ -199,7 +207,7 @@ def test_accelerate_parses_the_printed_command(tmp_path, capsys, mode):
     args, _, mixed_precision_from_config = _validate_launch_command(launch_command_parser().parse_args(command[2:]))
     assert args.num_processes == processes
     assert args.use_deepspeed == (mode in ("zero2", "zero3"))
-    assert args.multi_gpu == (mode == "multi_gpu")
+    assert args.multi_gpu == (mode in ("multi_gpu", "fsdp2"))
     assert args.module and args.training_script == "retrofit"
     assert args.training_script_args == ["train", str(path), "--resume", "auto"]
     if args.use_deepspeed:
@@ -242,7 +250,7 @@ def test_single_gpu_launch_runs_accelerate_and_the_launched_process_trains(tmp_p
 
 REFUSED = {
     # name: (recipe sections, --set overrides, key the one-line error names, text it contains)
-    "unknown mode": ({}, ["launch=zero4"], "launch.mode", "'single_gpu', 'multi_gpu', 'zero2' or 'zero3'"),
+    "unknown mode": ({}, ["launch=zero4"], "launch.mode", "'single_gpu', 'multi_gpu', 'zero2', 'zero3' or 'fsdp2'"),
     "unknown key": ({}, ["launch={mode: zero3, num_process: 2}"], "launch.num_process", "did you mean"),
     "one gpu, two processes": (
         {},
@@ -361,6 +369,7 @@ def fake_accelerator(stage: int | None, processes: int = 2, **attributes) -> Sim
         gradient_accumulation_steps=1,
         device=torch.device("cpu"),
         is_main_process=True,
+        autocast=contextlib.nullcontext,
         **attributes,
     )
 
@@ -436,7 +445,7 @@ def test_zero3_pads_every_process_to_the_longest_batch_without_changing_the_loss
         return torch.cat([t, torch.tensor([length + 30])]) if len(calls) == 1 else torch.cat([t, t])
 
     accelerator = fake_accelerator(3, gather=gather)
-    aligned = distributed.align_sleep_plan(accelerator, batch, resolved.sleep.window, 0)
+    aligned = distributed.align_sleep_plan(accelerator, model, batch, resolved.sleep.window, 0)
     assert aligned["input_ids"].shape[1] == length + 30
     assert aligned["attention_mask"][:, length:].sum() == 0 and (aligned["labels"][:, length:] == -100).all()
     with torch.no_grad():
@@ -444,21 +453,21 @@ def test_zero3_pads_every_process_to_the_longest_batch_without_changing_the_loss
 
 
 def test_zero3_refuses_a_batch_whose_sleep_plan_differs_between_processes(tiny):
-    _, batch, resolved = tiny
+    model, batch, resolved = tiny
     plan = distributed.chunks_with_loss(batch, resolved.sleep.window)
     assert plan.tolist() == [0, 0, 0, 0, 2]  # Rule 110: 4 strings of context, every row's answers in the last chunk
     length = torch.tensor([batch["input_ids"].shape[1]])
     answers = iter([length, 2 - plan])  # the other process: same length, the other chunks supervised
     accelerator = fake_accelerator(3, gather=lambda t: torch.cat([t, next(answers).reshape(t.shape)]))
     with pytest.raises(RecipeError) as info:
-        distributed.align_sleep_plan(accelerator, batch, resolved.sleep.window, 0)
+        distributed.align_sleep_plan(accelerator, model, batch, resolved.sleep.window, 0)
     assert info.value.key == "launch" and "process 1: [2, 2, 2, 2, 0]" in info.value.message
 
 
 def test_outside_zero3_batches_are_left_alone(tiny):
-    _, batch, resolved = tiny
+    model, batch, resolved = tiny
     for accelerator in (fake_accelerator(2), fake_accelerator(None), Accelerator()):
-        assert distributed.align_sleep_plan(accelerator, batch, resolved.sleep.window, 0) is batch
+        assert distributed.align_sleep_plan(accelerator, model, batch, resolved.sleep.window, 0) is batch
 
 
 def test_leaf_modules_are_the_block_classes(tiny):

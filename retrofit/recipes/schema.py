@@ -11,7 +11,8 @@ A recipe is one YAML file per run (see `recipes/`). Sections:
 - `eval`: the evaluation by difficulty bucket;
 - `adapter`: LoRA (`adapter: lora`, or a mapping with `type: lora` and its options; see `retrofit.lora`);
 - `stages`: staged training; each stage has a length, the parameters it trains and its changes to `sleep`;
-- `launch`: how `retrofit train` starts the run (`single_gpu`, `multi_gpu`, `zero2`, `zero3`; see `retrofit.launch`).
+- `launch`: how `retrofit train` starts the run (`single_gpu`, `multi_gpu`, `zero2`, `zero3`, `fsdp2`; see
+  `retrofit.launch`).
 
 The checks that need a task or a model (task options, sleep fields, loop range against the block count) live in
 `retrofit.recipes.resolve`; this module only checks shapes and types.
@@ -154,13 +155,14 @@ class EvalSection(Section):
     )
 
 
-LaunchMode = Literal["single_gpu", "multi_gpu", "zero2", "zero3"]
+LaunchMode = Literal["single_gpu", "multi_gpu", "zero2", "zero3", "fsdp2"]
 
 
 class LaunchSection(Section):
     """How `retrofit train` starts the run: `launch: zero3`, or `launch: {mode: zero3, num_processes: 8}`.
 
-    Modes: `single_gpu` (one process), `multi_gpu` (DDP), `zero2` and `zero3` (DeepSpeed ZeRO stage 2 or 3).
+    Modes: `single_gpu` (one process), `multi_gpu` (DDP), `zero2` and `zero3` (DeepSpeed ZeRO stage 2 or 3),
+    `fsdp2` (torch's FSDP2, `retrofit.training.fsdp`).
     `num_processes` defaults to the number of visible GPUs (1 for `single_gpu`). `retrofit.launch` holds the
     configs of each mode and the rules that tie a mode to the rest of the recipe.
     """

@@ -39,6 +39,13 @@ from retrofit.apply import load_model as load_saved_model
 from retrofit.lora import ADAPTER_WEIGHTS_FILE, is_adapter_dir, load_adapter, save_adapter
 from retrofit.recipes import RecipeError
 from retrofit.training.distributed import gather_state_dict, zero_stage
+from retrofit.training.fsdp import (
+    current_optimizer_state,
+    full_optimizer_state,
+    is_sharded,
+    load_full_model_state,
+    load_full_optimizer_state,
+)
 from retrofit.training.resume import load_schedule, with_current_hyperparameters
 from retrofit.training.safe_state import (
     ENGINE_DIR,
@@ -208,9 +215,14 @@ def save_checkpoint(
     save_model_folder(accelerator, trained.model, tmp, trained.config_overrides, trained.tokenizer)
     if zero_stage(accelerator) is not None:  # the engine writes its (sharded) optimizer state and weights itself
         trained.model.save_checkpoint(str(tmp), tag=ENGINE_DIR, save_latest=False)
+    optimizer_state = None
+    if is_sharded(trained.model):  # gathered whole on the first process (every process must call it)
+        optimizer_state = full_optimizer_state(trained.model, trained.optimizer)
+    elif zero_stage(accelerator) is None:
+        optimizer_state = trained.optimizer.state_dict()
     if accelerator.is_main_process:
-        if zero_stage(accelerator) is None:
-            save_tree(trained.optimizer.state_dict(), tmp, "optimizer")
+        if optimizer_state is not None:
+            save_tree(optimizer_state, tmp, "optimizer")
         for script in tmp.glob("zero_to_*.py"):  # DeepSpeed's merging scripts: `model/` holds the merged weights
             script.unlink()
         save_tree(trained.scheduler.state_dict(), tmp, "scheduler")
@@ -239,13 +251,17 @@ def load_checkpoint(accelerator: Accelerator, path: Path, trained: Trained) -> T
             f"{path} holds {', '.join(pickles)}: a file this toolkit never writes (a pickle, or an older version's "
             "checkpoint), which loading could run as code; resume from a checkpoint without it"
         )
+    model, optimizer = trained.model, trained.optimizer
     if zero_stage(accelerator) is not None:
         load_engine_state(trained, path)
+    elif is_sharded(model):
+        load_full_model_state(model, load_saved_model(path / MODEL_DIR, dtype=model.dtype).state_dict())
+        current = current_optimizer_state(model, optimizer)
+        load_full_optimizer_state(model, optimizer, with_current_hyperparameters(load_tree(path, "optimizer"), current))
     else:
-        load_model_folder(accelerator.unwrap_model(trained.model), path)
-        optimizer_state = load_tree(path, "optimizer")
-        current = trained.optimizer.state_dict()
-        trained.optimizer.load_state_dict(with_current_hyperparameters(optimizer_state, current))
+        load_model_folder(accelerator.unwrap_model(model), path)
+        current = optimizer.state_dict()
+        optimizer.load_state_dict(with_current_hyperparameters(load_tree(path, "optimizer"), current))
     load_schedule(trained.scheduler, load_tree(path, "scheduler"))
     rng = path / f"random_states_{accelerator.process_index}.json"
     if rng.is_file():  # a run resumed on more processes than wrote it draws fresh on the new ones

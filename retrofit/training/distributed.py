@@ -1,21 +1,23 @@
-"""What the trainer does differently when one process is not the whole run (DDP, DeepSpeed ZeRO-2/3).
+"""What the trainer does differently when one process is not the whole run (DDP, DeepSpeed ZeRO-2/3, FSDP2).
 
 The trainer calls, in this order:
 1. `configure_distributed(accelerator, recipe)` after building the accelerator, before `accelerator.prepare`:
    refuses what this launch cannot run (`retrofit.launch.check_launch`, also for a plain `accelerate launch`) and
    fills the DeepSpeed config's `"auto"` values from the recipe (accelerate would need a dataloader for them).
+   Under `launch: fsdp2` it then shards the model itself (`retrofit.training.fsdp.shard_model`) instead of
+   `prepare`.
 2. `align_sleep_plan` on each micro-batch, then `micro_step` for its forward and backward.
 3. `gather_state_dict` on every process whenever a model folder is saved.
 
-ZeRO-3 and the sleep loop. ZeRO-3 keeps 1/world of every weight on each process and all-gathers a module's weights
-when the module is called. Collectives pair up by call order, so every process must call the same modules in the
+ZeRO-3 (and FSDP2) and the sleep loop. ZeRO-3 keeps 1/world of every weight on each process and all-gathers a module's
+weights when the module is called. Collectives pair up by call order, so every process must call the same modules in the
 same order, or they wait forever or exchange the wrong shards. Sleep calls the blocks of the loop range N times per
 chunk. N is no risk: the pass counts (`passes`, `wake_passes`, `grad_passes`, `truncate_chunks`) are fixed by the
-recipe's sleep config and the stage, which is a function of the step, and nothing in sleep is sampled. The batch
-is: the number of chunks follows the padded length, and whether a chunk wakes or sleeps (`context_only`), or runs
-the head (`every_chunk`), follows where its labels are. `align_sleep_plan` pads every process's micro-batch to the
-longest one (padding changes no loss or gradient; `SleepConfig`'s padding contract) and refuses, before any
-collective could pair wrongly, a batch whose chunks with loss tokens still differ between processes.
+recipe's sleep config and the stage, which is a function of the step, and nothing in sleep is sampled. The batch is: the
+number of chunks follows the padded length, and whether a chunk wakes or sleeps (`context_only`), or runs the head
+(`every_chunk`), follows where its labels are. `align_sleep_plan` pads every process's micro-batch to the longest one
+(padding changes no loss or gradient; `SleepConfig`'s padding contract) and refuses, before any collective could pair
+wrongly, a batch whose chunks with loss tokens still differ between processes.
 
 ZeRO-3 leaf modules, and why they stay off by default. A leaf module is gathered whole when called, with no hooks
 on its submodules: one all-gather per block call instead of one per projection, norm and convolution
@@ -42,12 +44,14 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from peft import PeftModel
 from torch import Tensor, nn
 
 from retrofit.engine import chunk_bounds, next_token_targets
 from retrofit.launch import check_launch, deepspeed_values, fill_deepspeed_config
 from retrofit.recipes import Recipe, RecipeError
 from retrofit.tasks import IGNORE_INDEX
+from retrofit.training.fsdp import full_model_state, is_sharded, shard_model
 
 
 def zero_stage(accelerator: Accelerator) -> int | None:
@@ -80,15 +84,48 @@ def whole_model_init(accelerator: Accelerator) -> Iterator[None]:
         accelerator.state.deepspeed_plugin.set_deepspeed_weakref()  # transformers' ZeRO-3 view, for saving
 
 
-def launch_mode(accelerator: Accelerator) -> str | None:
-    """The `launch:` mode this process runs under (`multi_gpu`, `zero2`, `zero3`), or `None` for one process.
+def launch_mode(accelerator: Accelerator, recipe: Recipe) -> str | None:
+    """The `launch:` mode this process runs under (`multi_gpu`, `zero2`, `zero3`, `fsdp2`), or `None` for one
+    process.
 
-    DeepSpeed below stage 3 counts as `zero2`: its optimizer sees flat shards as well.
+    DeepSpeed below stage 3 counts as `zero2`: its optimizer sees flat shards as well. FSDP2 runs on a plain launch
+    (the trainer shards), so a recipe that asks for it runs it, on one process too.
     """
     stage = zero_stage(accelerator)
     if stage is not None:
         return "zero3" if stage == 3 else "zero2"
+    if uses_fsdp2(recipe):
+        return "fsdp2"
     return "multi_gpu" if accelerator.num_processes > 1 else None
+
+
+def uses_fsdp2(recipe: Recipe) -> bool:
+    return recipe.launch is not None and recipe.launch.mode == "fsdp2"
+
+
+def shard_for_training(model: nn.Module, accelerator: Accelerator) -> nn.Module:
+    """`launch: fsdp2`: the model on this process's device, sharded over its sleep blocks, the loop range of its
+    sleep config kept gathered (`retrofit.training.fsdp`). A LoRA model shards its base model's blocks.
+
+    Raises `RecipeError` for a model whose sleep blocks are not its decoder layers: transformers' native models run
+    as views over their layers, which FSDP2's module hooks would not see called.
+    """
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    adapter = base.get_sleep_adapter()
+    if adapter.blocks is not getattr(base.model, "layers", None):
+        raise RecipeError(
+            "launch",
+            f"fsdp2 does not shard {type(base).__name__} yet: its sleep blocks are views over transformers' decoder "
+            "layers, not the layers themselves; use launch: zero3, zero2 or multi_gpu",
+        )
+    loop = range(*(base.sleep_config.loop_range or adapter.default_loop_range))
+    return shard_model(model.to(accelerator.device), adapter.blocks, loop, accelerator.device)
+
+
+def gathers_per_call(accelerator: Accelerator, model: nn.Module) -> bool:
+    """Whether the weights are sharded and gathered at each module call (ZeRO-3, FSDP2): then every process must
+    make the same module calls in the same order."""
+    return zero_stage(accelerator) == 3 or is_sharded(model)
 
 
 def configure_distributed(accelerator: Accelerator, recipe: Recipe) -> None:
@@ -97,7 +134,7 @@ def configure_distributed(accelerator: Accelerator, recipe: Recipe) -> None:
     Raises `RecipeError` when the recipe names another launch mode than the one running, or when the running mode
     cannot train the recipe (`check_launch`).
     """
-    mode = launch_mode(accelerator)
+    mode = launch_mode(accelerator, recipe)
     if mode is None:
         return
     wanted = recipe.launch.mode if recipe.launch else None
@@ -123,7 +160,8 @@ def micro_step(
     """Forward and backward of micro-batch `micro` of `accum`; returns its loss / accum, detached.
 
     Gradients add up over the micro-batches and are synchronised on the last. Under DDP the others run in
-    `no_sync` (forward included: DDP decides in the forward whether the backward syncs). Under DeepSpeed the engine
+    `no_sync` (forward included: DDP decides in the forward whether the backward syncs), under FSDP2 without
+    gradient reduction, in the autocast `prepare` would have applied. Under DeepSpeed the engine
     owns accumulation: it divides the loss by its `gradient_accumulation_steps` (= `accum`, see
     `configure_distributed`) and, on the micro-batch marked as the boundary, reduces, clips and steps the optimizer.
     """
@@ -133,6 +171,12 @@ def micro_step(
         loss = model(**batch).loss
         accelerator.backward(loss)
         return loss.detach() / accum
+    if is_sharded(model):
+        model.set_requires_gradient_sync(last)
+        with accelerator.autocast():
+            loss = model(**batch).loss / accum
+        accelerator.backward(loss)
+        return loss.detach()
     with contextlib.nullcontext() if last else accelerator.no_sync(model):
         loss = model(**batch).loss / accum
         accelerator.backward(loss)
@@ -140,14 +184,14 @@ def micro_step(
 
 
 def align_sleep_plan(
-    accelerator: Accelerator, batch: dict[str, Tensor], window: int, pad_token_id: int
+    accelerator: Accelerator, model: nn.Module, batch: dict[str, Tensor], window: int, pad_token_id: int
 ) -> dict[str, Tensor]:
-    """Under ZeRO-3, the micro-batch padded so every process runs the same chunks; elsewhere `batch` itself.
+    """Under ZeRO-3 and FSDP2, the micro-batch padded so every process runs the same chunks; elsewhere `batch`.
 
     Raises `RecipeError` (`launch`) when the chunks with loss tokens differ between processes: their wake/sleep plans,
     and with them their module calls, would differ. Every process raises, so none waits on the others.
     """
-    if zero_stage(accelerator) != 3:
+    if not gathers_per_call(accelerator, model):
         return batch
     lengths = accelerator.gather(torch.tensor([batch["input_ids"].shape[1]], device=accelerator.device))
     batch = pad_batch(batch, int(lengths.max()), pad_token_id)
@@ -156,7 +200,7 @@ def align_sleep_plan(
         rows = "; ".join(f"process {i}: {row.tolist()}" for i, row in enumerate(plans))
         raise RecipeError(
             "launch",
-            "zero3 needs every process to make the same module calls, but the chunks with loss tokens differ "
+            "zero3 and fsdp2 need every process to make the same module calls, but the chunks with loss tokens differ "
             f"between processes ({rows}), so their sleep plans differ; use launch: zero2 or multi_gpu for this task",
         )
     return batch
@@ -187,7 +231,8 @@ def sleep_block_class_names(model: nn.Module) -> list[str]:
 
 
 def gather_state_dict(accelerator: Accelerator, model: nn.Module) -> dict[str, Tensor] | None:
-    """Under DeepSpeed, the prepared model's full state dict on the main process; every process must call it.
+    """Under DeepSpeed and FSDP2, the prepared model's full state dict on the main process; every process must call
+    it (FSDP2: `retrofit.training.fsdp.full_model_state`).
 
     Under ZeRO-3 it all-gathers the 16-bit shards (`recipes/deepspeed/zero3.json` sets
     `stage3_gather_16bit_weights_on_model_save: true` for this); under ZeRO-2 it is the bf16 copy the engine trains.
@@ -195,6 +240,9 @@ def gather_state_dict(accelerator: Accelerator, model: nn.Module) -> dict[str, T
     are empty shards. `None` on the other processes, and without DeepSpeed, where the unwrapped model's own weights
     are complete and save as they are.
     """
+    if is_sharded(model):
+        state_dict = full_model_state(model)
+        return state_dict if accelerator.is_main_process else None
     if zero_stage(accelerator) is None:
         return None
     state_dict = accelerator.get_state_dict(model)

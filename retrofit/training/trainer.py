@@ -60,9 +60,12 @@ from retrofit.training.distributed import (
     configure_distributed,
     gather_state_dict,
     micro_step,
+    shard_for_training,
+    uses_fsdp2,
     whole_model_init,
     zero_stage,
 )
+from retrofit.training.fsdp import local_part
 from retrofit.training.resume import recipe_changes
 from retrofit.training.stages import check_trainable, describe_stage, enter_stage, stage_at, trainable_names
 
@@ -179,9 +182,13 @@ def _train(loaded: LoadedRecipe, *, resume: str | None, overwrite: bool, stop: l
     check_trainable(model, resolved.stages, candidates)
     if zero_stage(accelerator) is not None:  # ZeRO fixes what trains when its engine is built
         enter_stage(model, resolved.stages[0], candidates)
-    optimizer = build_optimizer(model, recipe.optimizer)
+    if uses_fsdp2(recipe):  # the trainer shards; accelerate only started the processes
+        model = shard_for_training(model, accelerator)
+        optimizer = build_optimizer(model, recipe.optimizer)
+    else:
+        optimizer = build_optimizer(model, recipe.optimizer)
+        model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = build_scheduler(optimizer, recipe.optimizer, train_cfg.max_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
     trained = Trained(model, optimizer, scheduler, resolved.config_overrides, task.tokenizer)
     log = RunLog(output_dir / LOG_FILE, accelerator)
     state = TrainerState(step=0, tokens_seen=0)
@@ -205,7 +212,7 @@ def _train(loaded: LoadedRecipe, *, resume: str | None, overwrite: bool, stop: l
     def checkpoint_now() -> Path:
         """Save this step's checkpoint; weights that are not finite stop the run as diverged instead (the next
         step's loss could not be finite), so every checkpoint holds finite weights."""
-        finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all().float()[None]
+        finite = torch.stack([torch.isfinite(local_part(p)).all() for p in model.parameters()]).all().float()[None]
         if accelerator.reduce(finite, reduction="sum").item() < accelerator.num_processes:
             progress.close()
             error = diverged(accelerator, state.step + 1, math.nan, math.nan, output_dir, stepped=False)
@@ -257,7 +264,7 @@ def _train(loaded: LoadedRecipe, *, resume: str | None, overwrite: bool, stop: l
             batch = next(batches)  # made ahead in a worker process, as a pure function of (seed, step, micro)
             tokens += int(batch["attention_mask"].sum())  # on the host copy: no wait for the GPU
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
-            batch = align_sleep_plan(accelerator, batch, stage.sleep.window, pad_id)  # ZeRO-3: same calls everywhere
+            batch = align_sleep_plan(accelerator, model, batch, stage.sleep.window, pad_id)  # same calls everywhere
             loss_sum += micro_step(accelerator, model, batch, micro=micro, accum=accum)
 
         # ---- watchdog, clip, step
