@@ -154,3 +154,40 @@ def test_fsdp2_on_one_gpu_trains_and_saves_through_retrofit_train(tmp_path):
     log = (tmp_path / "gpu" / "train.log").read_text()
     assert sorted(steps(log)) == [1, 2, 3, 4] and all(loss < 10 for loss, _ in steps(log).values())
     assert weights(tmp_path / "gpu")
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory) -> dict[str, Path]:
+    """LoRA on a saved tiny Jet-Nemotron: one process, and FSDP2 on two processes."""
+    root = tmp_path_factory.mktemp("fsdp_lora")
+    train(recipe(root, "base", None, train={"max_steps": 1, "checkpoint_every": 0}), 1)
+    for name, processes in (("single", None), ("fsdp2", 2)):
+        path = recipe(root, name, processes)
+        data = yaml.safe_load(path.read_text())
+        data.update(adapter={"type": "lora", "r": 4}, model={"pretrained": str(root / "base" / "model")})
+        path.write_text(yaml.safe_dump(data))
+        train(path, processes or 1)
+    return {"root": root, "single": root / "single", "fsdp2": root / "fsdp2"}
+
+
+def adapter_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def test_lora_under_fsdp2_matches_one_process_and_resumes_exactly(lora_runs):
+    single = steps((lora_runs["single"] / "train.log").read_text())
+    sharded = steps((lora_runs["fsdp2"] / "train.log").read_text())
+    for step in single:
+        assert sharded[step][0] == pytest.approx(single[step][0], rel=TOLERANCE["loss"], abs=1e-4), step
+    a, b = adapter_weights(lora_runs["single"]), adapter_weights(lora_runs["fsdp2"])
+    assert a.keys() == b.keys() and any("lora_A" in k for k in a)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=TOLERANCE["weights"], atol=TOLERANCE["weights"])
+
+    resumed = lora_runs["root"] / "fsdp2.yaml"
+    data = yaml.safe_load(resumed.read_text())
+    data["output_dir"] = str(lora_runs["root"] / "resumed")
+    resumed.with_name("resumed.yaml").write_text(yaml.safe_dump(data))
+    train(resumed.with_name("resumed.yaml"), 2, "--resume", str(lora_runs["fsdp2"] / "checkpoints" / "step_000002"))
+    again = adapter_weights(lora_runs["root"] / "resumed")
+    assert all(torch.equal(b[k], again[k]) for k in b)

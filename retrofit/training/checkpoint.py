@@ -43,6 +43,7 @@ from retrofit.training.fsdp import (
     current_optimizer_state,
     full_optimizer_state,
     is_sharded,
+    load_full_adapter_state,
     load_full_model_state,
     load_full_optimizer_state,
 )
@@ -144,18 +145,23 @@ def save_model_folder(
 
 
 def load_model_folder(model: nn.Module, checkpoint: Path) -> None:
-    """Load the weights of the checkpoint's `model/` folder into `model` (unwrapped)."""
+    """Load the weights of the checkpoint's `model/` folder into `model` (unwrapped; FSDP2-sharded or whole)."""
     directory = checkpoint / MODEL_DIR
     fix = "resume with the recipe that wrote this checkpoint (its copy is in the checkpoint's recipe.yaml)"
     if isinstance(model, PeftModel):
-        result = set_peft_model_state_dict(model, load_file(directory / ADAPTER_WEIGHTS_FILE))
-        if result.unexpected_keys:
-            unexpected = result.unexpected_keys[0]
-            raise ValueError(f"{directory}: {unexpected} is not a weight of this run's adapter; {fix}")
+        weights = load_file(directory / ADAPTER_WEIGHTS_FILE)
+        unexpected = load_full_adapter_state(model, weights) if is_sharded(model) else None
+        if not is_sharded(model):
+            unexpected = set_peft_model_state_dict(model, weights).unexpected_keys
+        if unexpected:
+            raise ValueError(f"{directory}: {unexpected[0]} is not a weight of this run's adapter; {fix}")
         return
     saved = load_saved_model(directory, dtype=model.dtype)
     try:
-        model.load_state_dict(saved.state_dict())
+        if is_sharded(model):
+            load_full_model_state(model, saved.state_dict())
+        else:
+            model.load_state_dict(saved.state_dict())
     except RuntimeError as exc:  # torch lists the mismatched keys and shapes
         raise ValueError(f"{directory} does not fit this run's model; {fix}. {exc}") from None
 
@@ -255,7 +261,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path, trained: Trained) -> T
     if zero_stage(accelerator) is not None:
         load_engine_state(trained, path)
     elif is_sharded(model):
-        load_full_model_state(model, load_saved_model(path / MODEL_DIR, dtype=model.dtype).state_dict())
+        load_model_folder(model, path)
         current = current_optimizer_state(model, optimizer)
         load_full_optimizer_state(model, optimizer, with_current_hyperparameters(load_tree(path, "optimizer"), current))
     else:

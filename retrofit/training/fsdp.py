@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from peft import PeftModel, get_peft_model_state_dict
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -77,6 +78,21 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_full_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     """Load a whole state dict (every process holds it) into the sharded `model`."""
     set_model_state_dict(model, state_dict, options=_WHOLE_IN)
+
+
+def load_full_adapter_state(model: PeftModel, weights: dict[str, torch.Tensor]) -> list[str]:
+    """Load an adapter folder's weights (named as PEFT saves them) into the sharded PEFT `model`; returns the saved
+    names that match none of its weights.
+
+    PEFT's own `get_peft_model_state_dict` names each weight of the model as the adapter file does; the model's
+    weights are then looked up by those names.
+    """
+    names = list(model.state_dict())
+    probe = {name: torch.tensor(index) for index, name in enumerate(names)}
+    saved_as = {key: names[int(index)] for key, index in get_peft_model_state_dict(model, state_dict=probe).items()}
+    state = {saved_as[key]: tensor for key, tensor in weights.items() if key in saved_as}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    return sorted(set(weights) - set(saved_as))
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
