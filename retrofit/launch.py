@@ -31,7 +31,9 @@ What a mode refuses (`check_launch`, each an error naming the recipe key):
   (reentrant) backward, so a looped weight's gradient arrives once per pass and chunk, while DDP, ZeRO and FSDP2
   reduce each gradient once per backward (ZeRO-2 stops with "Gradient computed twice for this partition"; DDP
   silently averages a partial gradient, or with `find_unused_parameters` stops with "mark a variable ready only
-  once").
+  once"). FSDP2 runs it without an error but wrongly: on two CPU processes the tiny Jet-Nemotron of
+  `tests/test_fsdp.py` gave a step-1 gradient norm of 13.49 against one process's 13.92 (without `pass` they agree
+  to 1e-4).
   `checkpointing: chunk` recomputes without nesting.
 - stages that train different parameters under `zero2`/`zero3`: DeepSpeed fixes what it partitions and steps when
   the engine is built, so freezing a parameter later does not take it out of the optimizer.

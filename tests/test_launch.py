@@ -272,6 +272,13 @@ REFUSED = {
         "sleep.checkpointing",
         "launch: multi_gpu",
     ),
+    "muon under fsdp2": ({}, ["launch=fsdp2", "optimizer.name=muon"], "optimizer.name", "sharded weights"),
+    "pass checkpointing under fsdp2": (
+        {},
+        ["launch=fsdp2", "sleep.checkpointing=pass"],
+        "sleep.checkpointing",
+        "launch: fsdp2",
+    ),
     "pass checkpointing in a stage under zero3": (
         {"stages": [{"name": "a", "max_steps": 2, "sleep": {"checkpointing": "pass"}}]},
         ["launch=zero3"],
