@@ -20,6 +20,8 @@ from torch import Tensor, nn
 
 from retrofit.modeling import DecoderAdapter, SleepCausalLMMixin
 
+_VIEWS = "_retrofit_sleep_views"
+
 
 @dataclass(frozen=True)
 class NativeFamily:
@@ -36,12 +38,24 @@ class NativeFamily:
     lora_targets: tuple[str, ...]
 
 
+def sleep_views(causal_lm: nn.Module, family: NativeFamily) -> nn.ModuleList:
+    """The family's block views of `causal_lm`'s decoder layers, made once per model and kept on it.
+
+    They live in the instance's `__dict__`, outside the module tree: the model's parameter names stay transformers'
+    own, and every sleep of the model calls the same view modules (FSDP2 shards them, `retrofit.training.fsdp`).
+    """
+    views = causal_lm.__dict__.get(_VIEWS)
+    if views is None:
+        views = causal_lm.__dict__[_VIEWS] = nn.ModuleList(family.blocks(causal_lm))
+    return views
+
+
 class NativeAdapter(DecoderAdapter):
     """The engine's view of a native decoder LM: its embedding, the family's block views, norm, head and RoPE."""
 
     def __init__(self, causal_lm: nn.Module, family: NativeFamily) -> None:
         super().__init__(causal_lm, family.default_loop_range(causal_lm))
-        self.blocks = nn.ModuleList(family.blocks(causal_lm))
+        self.blocks = sleep_views(causal_lm, family)
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor] | None:
         """transformers' own rotary embedding of the model, at `positions` `[B, C]`: cos and sin `[B, C, rot]`; None

@@ -191,3 +191,27 @@ def test_lora_under_fsdp2_matches_one_process_and_resumes_exactly(lora_runs):
     train(resumed.with_name("resumed.yaml"), 2, "--resume", str(lora_runs["fsdp2"] / "checkpoints" / "step_000002"))
     again = adapter_weights(lora_runs["root"] / "resumed")
     assert all(torch.equal(b[k], again[k]) for k in b)
+
+
+QWEN3_5 = {"model_type": "qwen3_5_text", "vocab_size": 512, "hidden_size": 32, "num_hidden_layers": 8,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "linear_num_key_heads": 2,
+           "linear_num_value_heads": 4, "linear_key_head_dim": 8, "linear_value_head_dim": 8,
+           "linear_conv_kernel_dim": 4, "intermediate_size": 48, "tie_word_embeddings": False}  # fmt: skip
+
+
+def test_a_native_qwen3_5_under_fsdp2_matches_one_process(tmp_path):
+    """transformers' own Qwen3.5 modules, whose sleep blocks are views over its decoder layers, sharded per view."""
+    logs = {}
+    for name, processes in (("single", None), ("fsdp2", 2)):
+        path = recipe(tmp_path, name, processes)
+        data = yaml.safe_load(path.read_text())
+        data["model"] = {"config": QWEN3_5}
+        path.write_text(yaml.safe_dump(data))
+        logs[name] = steps(train(path, processes or 1))
+    for step, (loss, norm) in logs["single"].items():
+        assert logs["fsdp2"][step][0] == pytest.approx(loss, rel=TOLERANCE["loss"], abs=1e-4), step
+        assert logs["fsdp2"][step][1] == pytest.approx(norm, rel=TOLERANCE["grad_norm"], abs=1e-3), step
+    a, b = weights(tmp_path / "single"), weights(tmp_path / "fsdp2")
+    assert a.keys() == b.keys() and any(".linear_attn.in_proj_qkv." in k for k in a)  # transformers' own names
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=TOLERANCE["weights"], atol=TOLERANCE["weights"])

@@ -105,19 +105,9 @@ def uses_fsdp2(recipe: Recipe) -> bool:
 
 def shard_for_training(model: nn.Module, accelerator: Accelerator) -> nn.Module:
     """`launch: fsdp2`: the model on this process's device, sharded over its sleep blocks, the loop range of its
-    sleep config kept gathered (`retrofit.training.fsdp`). A LoRA model shards its base model's blocks.
-
-    Raises `RecipeError` for a model whose sleep blocks are not its decoder layers: transformers' native models run
-    as views over their layers, which FSDP2's module hooks would not see called.
-    """
+    sleep config kept gathered (`retrofit.training.fsdp`). A LoRA model shards its base model's blocks."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     adapter = base.get_sleep_adapter()
-    if adapter.blocks is not getattr(base.model, "layers", None):
-        raise RecipeError(
-            "launch",
-            f"fsdp2 does not shard {type(base).__name__} yet: its sleep blocks are views over transformers' decoder "
-            "layers, not the layers themselves; use launch: zero3, zero2 or multi_gpu",
-        )
     loop = range(*(base.sleep_config.loop_range or adapter.default_loop_range))
     return shard_model(model.to(accelerator.device), adapter.blocks, loop, accelerator.device)
 

@@ -41,7 +41,8 @@ _WHOLE_IN = StateDictOptions(full_state_dict=True)
 def shard_model(model: nn.Module, blocks: Sequence[nn.Module], loop: range, device: torch.device) -> nn.Module:
     """Shard `model` across the processes of the default group, in place; returns it.
 
-    Each of the sleep engine's `blocks` is its own FSDP unit; those in `loop` stay gathered through the step (see the
+    Each of the sleep engine's `blocks` (the decoder layers, or a native model's views over them) is its own FSDP
+    unit; those in `loop` stay gathered through the step (see the
     module docstring). What is left (embedding, final norm, head) belongs to the root unit, `model`. A single process
     without a process group gets a group of one.
     """
@@ -51,7 +52,11 @@ def shard_model(model: nn.Module, blocks: Sequence[nn.Module], loop: range, devi
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for index, block in enumerate(blocks):
         fully_shard(block, mesh=mesh, reshard_after_forward=index not in loop)
-    fully_shard(model, mesh=mesh)
+    # Views over decoder layers (transformers' native models) sit outside the module tree: the root must leave
+    # their layers' weights to them.
+    tree = {id(module) for module in model.modules()}
+    outside = {param for block in blocks if id(block) not in tree for param in block.parameters()}
+    fully_shard(model, mesh=mesh, ignored_params=outside or None)
     return model
 
 
