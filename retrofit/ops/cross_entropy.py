@@ -43,7 +43,12 @@ def head_cross_entropy(
     fused = _fla_fused_loss(hidden, parts)
     if fused is not None:
         features, lm_head = parts
-        return fused(features(hidden), targets, lm_head.weight, lm_head.bias, reduction="sum")
+        # A 16-bit head adds up its weight gradient in its own dtype, as autograd does for a 16-bit parameter: fla's
+        # fp32 accumulation would run the [V, D] weight-gradient matmul of every row chunk in fp32.
+        fp32 = lm_head.weight.dtype == torch.float32
+        return fused(
+            features(hidden), targets, lm_head.weight, lm_head.bias, reduction="sum", accumulate_grad_in_fp32=fp32
+        )
     rows = rows or HEAD_ROWS
     if hidden.shape[0] <= rows:
         return _summed_loss(head, hidden, targets)
