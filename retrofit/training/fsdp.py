@@ -10,8 +10,8 @@ The trainer applies `fully_shard` itself rather than through accelerate's FSDP p
 
 Precision follows the single-process run: fp32 weights, bf16 autocast in the forward when the recipe asks for bf16
 (`micro_step`), gradients reduced in fp32. Checkpoints hold the same files as a one-process run's: the model folder
-gathered whole, and the optimizer state gathered whole on the first process (`full_optimizer_state`), so a run may
-resume on another number of processes.
+gathered whole, and the optimizer state gathered whole on the first process (`full_optimizer_state`), as
+safetensors and JSON: no pickles (torch's distributed checkpoints keep their metadata in one).
 """
 
 from __future__ import annotations
