@@ -150,8 +150,9 @@ def load_model_folder(model: nn.Module, checkpoint: Path) -> None:
     fix = "resume with the recipe that wrote this checkpoint (its copy is in the checkpoint's recipe.yaml)"
     if isinstance(model, PeftModel):
         weights = load_file(directory / ADAPTER_WEIGHTS_FILE)
-        unexpected = load_full_adapter_state(model, weights) if is_sharded(model) else None
-        if not is_sharded(model):
+        if is_sharded(model):
+            unexpected = load_full_adapter_state(model, weights)
+        else:
             unexpected = set_peft_model_state_dict(model, weights).unexpected_keys
         if unexpected:
             raise ValueError(f"{directory}: {unexpected[0]} is not a weight of this run's adapter; {fix}")
