@@ -73,8 +73,8 @@ def item_train(theirs, ours, ids: torch.Tensor, repeats: int) -> dict:
 
 def item_decode(theirs, ours, context: int, new_tokens: int) -> dict:
     """Seconds per greedy token after the same prompt: transformers' own cache against ours without sleep (one
-    window longer than the stream), replayed as a CUDA graph and, for contrast, in eager steps; the three take
-    turns token by token."""
+    window longer than the stream), compiled and replayed as a CUDA graph, replayed uncompiled and, for contrast, in
+    eager steps; the four take turns token by token."""
     apply_sleep(ours, SleepConfig(window=context + new_tokens + 8, passes=1))
     prompt = torch.randint(0, theirs.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(1))
     prompt = prompt.to(theirs.device)
@@ -82,8 +82,8 @@ def item_decode(theirs, ours, context: int, new_tokens: int) -> dict:
     with torch.no_grad():
         first = theirs(prompt, use_cache=True)
         state["theirs"] = (getattr(first, CACHE_NAME), first.logits[:, -1:].argmax(-1))
-        for name, capture in (("ours", True), ("ours_eager", False)):
-            cache = SleepCache(capture=capture)
+        for name, capture, compile in (("ours", True, True), ("ours_graph", True, False), ("ours_eager", False, False)):
+            cache = SleepCache(capture=capture, compile=compile)
             state[name] = (cache, ours(prompt, **{CACHE_NAME: cache}).logits[:, -1:].argmax(-1))
 
     def token(name: str, model: torch.nn.Module) -> Callable[[], None]:
@@ -94,7 +94,7 @@ def item_decode(theirs, ours, context: int, new_tokens: int) -> dict:
 
         return decode
 
-    models = {"theirs": theirs, "ours": ours, "ours_eager": ours}
+    models = {"theirs": theirs, "ours": ours, "ours_graph": ours, "ours_eager": ours}
     seconds = interleaved_medians({name: token(name, model) for name, model in models.items()}, new_tokens)
     ratio = seconds["ours"] / seconds["theirs"]
     ms = {name: value * 1e3 for name, value in seconds.items()}

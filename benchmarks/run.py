@@ -243,10 +243,14 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+# Tokens decoded per timed call of item d: the host runs ahead of the device within a burst, as in generation.
+DECODE_BURST = 8
+
+
 @torch.no_grad()
 def decode_latencies(
     model,
-    configs: dict[str, tuple[SleepConfig, bool]],
+    configs: dict[str, tuple[SleepConfig, dict]],
     context: int,
     new_tokens: int,
     vocab: int,
@@ -254,56 +258,69 @@ def decode_latencies(
     batch: int = 1,
 ) -> dict[str, float]:
     """Median seconds per greedy decoding step of `batch` rows after the same `context`-token prompt, under each of
-    `configs` (a sleep config, and whether the wake step is captured as a CUDA graph), each streaming through its
-    own `SleepCache`; the configs decode in turns. With `profile`, one more step of the last config is profiled."""
+    `configs` (a sleep config, and the `SleepCache` arguments: capture, compile), each streaming through its own
+    cache; the configs decode in turns, `DECODE_BURST` tokens per timed call, `new_tokens` calls each. With
+    `profile`, one more step of the last config is profiled."""
     generator = torch.Generator().manual_seed(context)
     prompt = torch.randint(0, vocab, (batch, context), generator=generator).to(model.device)
     caches, next_ids = {}, {}
-    for name, (config, capture) in configs.items():
+    for name, (config, cache_options) in configs.items():
         apply_sleep(model, config)
-        caches[name] = SleepCache(capture=capture)
+        caches[name] = SleepCache(**cache_options)
         next_ids[name] = model(prompt, cache=caches[name]).logits[:, -1:].argmax(-1)
 
-    def token(name: str) -> Callable[[], None]:
+    def tokens(name: str, count: int) -> Callable[[], None]:
         def decode() -> None:
-            next_ids[name] = model(next_ids[name], cache=caches[name]).logits[:, -1:].argmax(-1)
+            for _ in range(count):
+                next_ids[name] = model(next_ids[name], cache=caches[name]).logits[:, -1:].argmax(-1)
 
         return decode
 
     seconds = interleaved_medians(
-        {name: token(name) for name in configs}, new_tokens, lambda name: apply_sleep(model, configs[name][0])
+        {name: tokens(name, DECODE_BURST) for name in configs},
+        new_tokens,
+        lambda name: apply_sleep(model, configs[name][0]),
     )
     if profile is not None:
         last = list(configs)[-1]  # the config still applied
-        write_profile(profile, token(last))
-    return seconds
+        write_profile(profile, tokens(last, 1))
+    return {name: total / DECODE_BURST for name, total in seconds.items()}
 
 
 def item_d(model, shape: Shape, vocab: int, profile_dir: Path | None = None) -> dict:
     """Per-token wake latency with sleep (KV bounded by L) vs no sleep (one window: all KV kept), per context, both
-    through the captured CUDA graph of the wake step; eager steps of the sleeping model for contrast; and, at the
-    first context, the tokens/s of `decode_batch` rows against one.
+    through the captured CUDA graph of the wake step, compiled (`SleepCache(compile=True)`) and not; eager steps of
+    the sleeping model for contrast; and, at the first context, the tokens/s of `decode_batch` rows against one.
 
     No decoded token crosses a window boundary (contexts are not multiples of L), so this is the wake cost alone.
-    With `profile_dir`, one sleeping token at the largest context is profiled to `profile-decode.txt`.
+    The targets are read on the compiled graphs. With `profile_dir`, one compiled sleeping token at the largest
+    context is profiled to `profile-decode.txt`.
     """
     model.eval()
     rows = {}
     sleep = SleepConfig(window=shape.window, passes=shape.passes[-1], eviction="hard")
+    graph, compiled, eager = {"capture": True}, {"capture": True, "compile": True}, {"capture": False}
     for context in tqdm(shape.contexts, desc="contexts", leave=False):
+        no_sleep = SleepConfig(window=context + DECODE_BURST * (shape.decode_tokens + 3), passes=1, eviction="hard")
         configs = {
-            "no_sleep": (SleepConfig(window=context + 2 * shape.decode_tokens + 4, passes=1, eviction="hard"), True),
-            "eager": (sleep, False),
-            "sleep": (sleep, True),
+            "no_sleep": (no_sleep, compiled),
+            "eager": (sleep, eager),
+            "graph": (sleep, graph),
+            "sleep": (sleep, compiled),
         }
         profile = profile_dir / "profile-decode.txt" if profile_dir and context == shape.contexts[-1] else None
         seconds = decode_latencies(model, configs, context, shape.decode_tokens, vocab, profile)
         ours, base = seconds["sleep"], seconds["no_sleep"]
-        rows[context] = {"sleep_ms": ours * 1e3, "no_sleep_ms": base * 1e3, "ratio": ours / base,
-                         "eager_sleep_ms": seconds["eager"] * 1e3}  # fmt: skip
+        rows[context] = {
+            "sleep_ms": ours * 1e3,
+            "no_sleep_ms": base * 1e3,
+            "ratio": ours / base,
+            "graph_sleep_ms": seconds["graph"] * 1e3,
+            "eager_sleep_ms": seconds["eager"] * 1e3,
+        }
     context = shape.contexts[0]
     one, many = (
-        decode_latencies(model, {"sleep": (sleep, True)}, context, shape.decode_tokens, vocab, batch=batch)["sleep"]
+        decode_latencies(model, {"sleep": (sleep, compiled)}, context, shape.decode_tokens, vocab, batch=batch)["sleep"]
         for batch in (1, shape.decode_batch)
     )
     model.train()
@@ -542,12 +559,12 @@ def markdown(result: dict) -> str:
                 f"{row['tokens_per_s']:.0f} | {_x(row['peak_gib'], '')} |"
             )
     if "d" in r:
-        lines += ["", "| context | sleep (ms/token) | no sleep (ms/token) | ratio | sleep, eager steps (ms/token) |",
-                  "|---|---|---|---|---|"]  # fmt: skip
+        lines += ["", "| context | sleep (ms/token) | no sleep (ms/token) | ratio | sleep, graph not compiled | "
+                  "sleep, eager steps |", "|---|---|---|---|---|---|"]  # fmt: skip
         for context, row in r["d"]["rows"].items():
             lines.append(
                 f"| {context} | {row['sleep_ms']:.2f} | {row['no_sleep_ms']:.2f} | {row['ratio']:.3f} | "
-                f"{row.get('eager_sleep_ms', float('nan')):.2f} |"
+                f"{row.get('graph_sleep_ms', float('nan')):.2f} | {row.get('eager_sleep_ms', float('nan')):.2f} |"
             )
     if "e" in r:
         lines += ["", "| N | sleep one window (ms) | ÷ (N × prefill) |", "|---|---|---|"]

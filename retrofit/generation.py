@@ -24,6 +24,7 @@ replayed (one launch per token instead of one per kernel), and so is the sleep o
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -114,6 +115,9 @@ class SleepCache(StreamingCache):
 
     On CUDA the one-token wake step and the sleep of a full window are each captured once as a CUDA graph and
     replayed after (`capture=False` keeps both eager); where capture fails, that step stays eager and says so once.
+    `compile=True` also compiles the wake step with `torch.compile` before it is captured: inductor fuses its
+    ~1,300 small kernels per token into far fewer, for about a minute of compiling on the first decoding step
+    (worth it for long generations; see benchmarks/README.md, issue 23).
 
     Attributes:
         chunk_start_states: each block's fast state at the current chunk's start (what its sleep starts from).
@@ -127,9 +131,10 @@ class SleepCache(StreamingCache):
         num_valid: `[B]` real (non-padding) tokens seen so far per row; global RoPE positions count these.
     """
 
-    def __init__(self, capture: bool = True) -> None:
+    def __init__(self, capture: bool = True, compile: bool = False) -> None:
         super().__init__()
         self.capture = capture
+        self.compile = compile
         self.chunk_start_states: list[BlockState] = []
         self.states: list[BlockState] = []
         self.windows: list[KVWindow | None] = []
@@ -150,8 +155,11 @@ class SleepCache(StreamingCache):
         """Per attention block: (retained window tokens, current chunk tokens) held in KV memory."""
         return [ring.held(self.chunk_start) for ring in self.rings if ring is not None]
 
-    def step(self, engine: SleepEngine, input_ids: Tensor, valid: Tensor) -> Tensor:
-        """Wake logits `[B, T, V]` of the new tokens `input_ids` `[B, T]`, sleeping at every chunk boundary."""
+    def step(self, engine: SleepEngine, input_ids: Tensor, valid: Tensor, padded: bool | None = None) -> Tensor:
+        """Wake logits `[B, T, V]` of the new tokens `input_ids` `[B, T]`, sleeping at every chunk boundary.
+
+        `padded` (whether `valid` holds a False) is read from `valid` unless given: a caller that knows it (no
+        attention mask) saves the host a wait for the device on every token."""
         if engine.config.wake_passes != 1:
             raise ValueError(
                 f"streaming inference needs sleep_config.wake_passes = 1, not {engine.config.wake_passes} (a streamed "
@@ -165,7 +173,9 @@ class SleepCache(StreamingCache):
             if self.chunk_length >= window:
                 self.consolidate(engine)
             stop = min(offset + window - self.chunk_length, input_ids.shape[1])
-            logits.append(self._wake_segment(engine, input_ids[:, offset:stop], valid[:, offset:stop]))
+            segment = valid[:, offset:stop]
+            segment_padded = not bool(segment.all()) if padded is None else padded
+            logits.append(self._wake_segment(engine, input_ids[:, offset:stop], segment, segment_padded))
             self.seen += stop - offset
             self.chunk_length += stop - offset
             offset = stop
@@ -246,10 +256,9 @@ class SleepCache(StreamingCache):
         self._next_index = torch.zeros(1, dtype=torch.long, device=device)
         self._chunk_start_index = torch.zeros(1, dtype=torch.long, device=device)
 
-    def _wake_segment(self, engine: SleepEngine, input_ids: Tensor, valid: Tensor) -> Tensor:
+    def _wake_segment(self, engine: SleepEngine, input_ids: Tensor, valid: Tensor, padded: bool) -> Tensor:
         """The wake logits of tokens that all belong to the current chunk: a replayed CUDA graph for one real token
         on CUDA once a step has run eagerly, else the eager pass."""
-        padded = not bool(valid.all())
         replayable = self._may_capture(input_ids) and input_ids.shape[1] == 1 and not padded
         if not replayable:
             return self._wake(engine, input_ids, valid, padded)
@@ -288,10 +297,11 @@ class SleepCache(StreamingCache):
 class _CapturedWake:
     """The one-token wake step of a `SleepCache` as a CUDA graph: captured on the second decoding step (the first
     runs eagerly on the capture stream, so that kernels are compiled and tuned) and replayed on every later one.
-    Every input lives in the cache's own buffers, so sleeps in between keep it valid."""
+    Every input lives in the cache's own buffers, so sleeps in between keep it valid. Under `compile` the step is
+    `torch.compile`d first: the first step compiles it, the second captures the compiled kernels."""
 
-    def __init__(self, input_ids: Tensor, stream: torch.cuda.Stream) -> None:
-        self.stream = stream
+    def __init__(self, input_ids: Tensor, stream: torch.cuda.Stream, wake: Callable[..., Tensor]) -> None:
+        self.stream, self.wake = stream, wake
         with torch.inference_mode(False):  # inputs that every replay overwrites in place
             self.input_ids = input_ids.clone()
             self.valid = torch.ones_like(input_ids, dtype=torch.bool)
@@ -304,10 +314,10 @@ class _CapturedWake:
     def first_step(
         cls, cache: SleepCache, engine: SleepEngine, input_ids: Tensor, stream: torch.cuda.Stream
     ) -> _CapturedWake:
-        captured = cls(input_ids, stream)
+        captured = cls(input_ids, stream, torch.compile(cache._wake) if cache.compile else cache._wake)
         stream.wait_stream(torch.cuda.current_stream(stream.device))
         with torch.cuda.stream(stream):
-            captured.warm_logits = cache._wake(engine, captured.input_ids, captured.valid, False)
+            captured.warm_logits = captured.wake(engine, captured.input_ids, captured.valid, False)
         torch.cuda.current_stream(stream.device).wait_stream(stream)
         return captured
 
@@ -319,7 +329,7 @@ class _CapturedWake:
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph, stream=self.stream):
-                    self.logits = cache._wake(engine, self.input_ids, self.valid, False)
+                    self.logits = self.wake(engine, self.input_ids, self.valid, False)
             except RuntimeError as error:
                 self.failed = True
                 _capture_failed("decoding", "the wake step", error)

@@ -100,7 +100,8 @@ class SleepCausalLMMixin:
                 "without position_ids"
             )
         if cache is not None:
-            return cached_output(cache.step(self.sleep_engine(), input_ids, valid), cache)
+            padded = False if attention_mask is None else None  # known without asking the device
+            return cached_output(cache.step(self.sleep_engine(), input_ids, valid, padded), cache)
         want_logits = labels is None if return_logits is None else return_logits
         out = self.sleep_engine().forward(input_ids, attention_mask, labels, return_logits=want_logits)
         return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor
 from transformers import AutoModelForCausalLM
 
 import retrofit
@@ -274,29 +275,49 @@ def test_decoding_through_the_captured_graph_equals_eager_decoding(families, fam
     """Greedy decoding of 40 tokens over 5 windows (L=8, N=3; rows left-padded by 0-3 tokens): the replayed CUDA
     graphs of the wake step and of a full window's sleep pick the same tokens as eager steps, with the same scores."""
     model = families[family](SleepConfig(window=8, passes=3, eviction=eviction)).float().cuda()
-    model.generation_config.eos_token_id = None
-    prompt, _ = random_batch(batch, 10, 37, seed=9)
-    mask = torch.ones_like(prompt)
-    for row in range(batch):
-        mask[row, :row] = 0
-    runs = {}
-    with torch.no_grad():
-        for capture in (True, False):
-            cache = SleepCache(capture=capture)
-            out = model.generate(
-                prompt.cuda(),
-                attention_mask=mask.cuda(),
-                max_new_tokens=40,
-                do_sample=False,
-                pad_token_id=0,
-                return_dict_in_generate=True,
-                output_logits=True,
-                **{CACHE_NAME: cache},
-            )
-            runs[capture] = out.sequences, torch.stack(out.logits, dim=1), cache
-    (captured, captured_logits, cache), (eager, eager_logits, eager_cache) = runs[True], runs[False]
+    (captured, captured_logits, cache), (eager, eager_logits, eager_cache) = (
+        _greedy_decoding(model, batch, SleepCache(capture=capture)) for capture in (True, False)
+    )
     assert cache._captured is not None and cache._captured.graph is not None  # the wake graph was replayed
     assert cache._captured_sleep is not None and cache._captured_sleep.graph is not None  # and the sleep graph
     assert eager_cache._captured is None and eager_cache._captured_sleep is None
     assert torch.equal(captured, eager)
     assert torch.allclose(captured_logits, eager_logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["hybrid", "jet_nemotron", "ouro"])
+def test_decoding_through_the_compiled_graph_equals_eager_decoding(families, family):
+    """The same decoding (sliding eviction, batch 4) with the wake step compiled by inductor before capture: the
+    same tokens as eager steps, with the same scores."""
+    model = families[family](SleepConfig(window=8, passes=3, eviction="sliding")).float().cuda()
+    (compiled, compiled_logits, cache), (eager, eager_logits, _) = (
+        _greedy_decoding(model, 4, SleepCache(capture=capture, compile=capture)) for capture in (True, False)
+    )
+    assert cache._captured is not None and cache._captured.graph is not None
+    assert cache._captured.wake is not cache._wake  # the replayed graph holds the compiled step
+    assert torch.equal(compiled, eager)
+    assert torch.allclose(compiled_logits, eager_logits, atol=1e-4, rtol=1e-4)
+
+
+def _greedy_decoding(model: torch.nn.Module, batch: int, cache: SleepCache) -> tuple[Tensor, Tensor, SleepCache]:
+    """40 greedy tokens after a 10-token prompt whose row r is left-padded by r tokens: the sequences, the logits
+    of every step and the cache."""
+    model.generation_config.eos_token_id = None
+    prompt, _ = random_batch(batch, 10, 37, seed=9)
+    mask = torch.ones_like(prompt)
+    for row in range(batch):
+        mask[row, :row] = 0
+    with torch.no_grad():
+        out = model.generate(
+            prompt.cuda(),
+            attention_mask=mask.cuda(),
+            max_new_tokens=40,
+            do_sample=False,
+            pad_token_id=0,
+            return_dict_in_generate=True,
+            output_logits=True,
+            **{CACHE_NAME: cache},
+        )
+    return out.sequences, torch.stack(out.logits, dim=1), cache
