@@ -317,7 +317,14 @@ class _CapturedWake:
         captured = cls(input_ids, stream, torch.compile(cache._wake) if cache.compile else cache._wake)
         stream.wait_stream(torch.cuda.current_stream(stream.device))
         with torch.cuda.stream(stream):
-            captured.warm_logits = captured.wake(engine, captured.input_ids, captured.valid, False)
+            try:
+                captured.warm_logits = captured.wake(engine, captured.input_ids, captured.valid, False)
+            except RuntimeError as error:  # dynamo and inductor errors; a compile fails before the step changes state
+                if captured.wake == cache._wake:
+                    raise
+                _say_once("compiling", f"the wake step runs uncompiled: torch.compile failed ({error})")
+                captured.wake = cache._wake
+                captured.warm_logits = captured.wake(engine, captured.input_ids, captured.valid, False)
         torch.cuda.current_stream(stream.device).wait_stream(stream)
         return captured
 
@@ -425,14 +432,18 @@ def _shapes(states: list[BlockState], windows: list[KVWindow | None]) -> list:
     ]
 
 
-_CAPTURE_FAILED: set[str] = set()
+_SAID: set[str] = set()
 
 
 def _capture_failed(step: str, what: str, error: Exception) -> None:
     """Say once per process that `step` stays eager because capturing `what` failed."""
-    if step not in _CAPTURE_FAILED:
-        _CAPTURE_FAILED.add(step)
-        warnings.warn(f"{step} runs eagerly: capturing {what} as a CUDA graph failed ({error})", stacklevel=4)
+    _say_once(step, f"{step} runs eagerly: capturing {what} as a CUDA graph failed ({error})")
+
+
+def _say_once(key: str, message: str) -> None:
+    if key not in _SAID:
+        _SAID.add(key)
+        warnings.warn(message, stacklevel=5)
 
 
 class StreamCache(StreamingCache):
