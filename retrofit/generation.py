@@ -272,7 +272,9 @@ class SleepCache(StreamingCache):
         index = self._next_index + torch.arange(input_ids.shape[1], device=input_ids.device)
         before = self.num_valid if engine.config.positions == "global" else self._chunk_valid
         positions = self.positions_after(before, valid)
-        chunk = engine.chunk_for_tokens(self.seen, positions, valid, padded, index)
+        # The stream indices come from `index` (on the device), not from `start`: the step is the same computation
+        # at every position, so a captured or compiled step serves them all.
+        chunk = engine.chunk_for_tokens(0, positions, valid, padded, index)
         adapter = engine.adapter
         h = adapter.embed(input_ids)
         for i, block in enumerate(adapter.blocks):
@@ -314,7 +316,7 @@ class _CapturedWake:
     def first_step(
         cls, cache: SleepCache, engine: SleepEngine, input_ids: Tensor, stream: torch.cuda.Stream
     ) -> _CapturedWake:
-        captured = cls(input_ids, stream, torch.compile(cache._wake) if cache.compile else cache._wake)
+        captured = cls(input_ids, stream, torch.compile(cache._wake, dynamic=False) if cache.compile else cache._wake)
         stream.wait_stream(torch.cuda.current_stream(stream.device))
         with torch.cuda.stream(stream):
             try:
