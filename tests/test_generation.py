@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import Tensor
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, Qwen3_5TextConfig
 
 import retrofit
 from retrofit import SleepConfig, apply_sleep
@@ -287,11 +287,21 @@ def test_decoding_through_the_captured_graph_equals_eager_decoding(families, fam
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("family", ["hybrid", "jet_nemotron", "ouro"])
+@pytest.mark.parametrize("family", ["hybrid", "jet_nemotron", "ouro", "qwen3_5"])
 def test_decoding_through_the_compiled_graph_equals_eager_decoding(families, family):
     """The same decoding (sliding eviction, batch 4) with the wake step compiled by inductor before capture: the
-    same tokens as eager steps, with the same scores."""
-    model = families[family](SleepConfig(window=8, passes=3, eviction="sliding")).float().cuda()
+    same tokens as eager steps, with the same scores; also on transformers' own Qwen3.5, patched."""
+    sleep = SleepConfig(window=8, passes=3, eviction="sliding")
+    if family == "qwen3_5":
+        torch.manual_seed(0)
+        config = Qwen3_5TextConfig(
+            vocab_size=37, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+            linear_value_head_dim=16, intermediate_size=48,
+        )  # fmt: skip
+        model = apply_sleep(AutoModelForCausalLM.from_config(config).eval(), sleep).cuda()
+    else:
+        model = families[family](sleep).float().cuda()
     (compiled, compiled_logits, cache), (eager, eager_logits, _) = (
         _greedy_decoding(model, 4, SleepCache(capture=capture, compile=capture)) for capture in (True, False)
     )
