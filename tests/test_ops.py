@@ -63,6 +63,7 @@ GDR_CASES = [
     pytest.param(2, 100, 2, 2, 16, 16, 32, False, False, torch.float64, id="T%C!=0-f64"),
     pytest.param(1, 20, 2, 2, 8, 12, 64, True, False, torch.float64, id="T<C-l2-f64"),
     pytest.param(2, 1, 1, 1, 8, 8, 64, False, False, torch.float64, id="T=1-f64"),
+    pytest.param(2, 1, 2, 4, 8, 16, 64, True, False, torch.float64, id="T=1-gva-l2-f64"),
     pytest.param(1, 70, 2, 6, 8, 16, 16, True, False, torch.float64, id="gva3-l2-f64"),
     pytest.param(2, 50, 2, 4, 16, 8, 16, False, True, torch.float64, id="gva2-g0-f64"),
     pytest.param(1, 200, 1, 2, 32, 16, 64, True, False, torch.float64, id="default-chunk-f64"),

@@ -1,7 +1,7 @@
 """Short causal depthwise convolution (the q/k/v conv of gated delta-rule mixers), with a carried state.
 
-On CUDA it runs fla's Triton `causal_conv1d`; elsewhere `F.conv1d` with groups=D. Both use fla's state convention:
-the state [B, D, W] holds the last W inputs before x, oldest first (only the last W - 1 reach the output).
+On CUDA it runs fla's Triton `causal_conv1d`; elsewhere a torch sum of shifted products. Both use fla's state
+convention: the state [B, D, W] holds the last W inputs before x, oldest first (only the last W - 1 reach the output).
 
 The final state is always built here, in torch (a copy of W inputs): fla's kernel drops the gradient of the oldest
 slot of its final state when T >= W (that slot is never read by the next conv, but it is a real output).
@@ -69,13 +69,16 @@ def short_conv(
 
 
 def _short_conv_torch(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor, activation: str | None) -> Tensor:
-    """`short_conv`'s output with F.conv1d (groups=D) over the state's last W - 1 inputs followed by x.
-
-    Computed in float32 (float64 for float64 inputs) and returned in x's dtype.
-    """
+    """`short_conv`'s output over the state's last W - 1 inputs followed by x, as a sum of W shifted products:
+    element-wise work that a compiler fuses with its neighbours (a decoding step is one fused kernel, not a
+    convolution call). Computed in float32 (float64 for float64 inputs) and returned in x's dtype."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xx = torch.cat([state[..., 1:], x.transpose(1, 2)], dim=-1).to(dtype)
-    y = F.conv1d(xx, weight.to(dtype).unsqueeze(1), None if bias is None else bias.to(dtype), groups=x.shape[-1])
+    length, taps = x.shape[1], weight.shape[1]
+    xx = torch.cat([state[..., 1:], x.transpose(1, 2)], dim=-1).to(dtype)  # [B, D, W - 1 + T]
+    weight = weight.to(dtype)
+    y = sum(weight[:, w, None] * xx[..., w : w + length] for w in range(taps))
+    if bias is not None:
+        y = y + bias.to(dtype)[:, None]
     if activation == "silu":
         y = F.silu(y)
     return y.transpose(1, 2).to(x.dtype)

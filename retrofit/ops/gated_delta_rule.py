@@ -77,6 +77,8 @@ def select_fla_module(tensor: Tensor, module: str) -> ModuleType | None:
 
     Raises RuntimeError when `RETROFIT_OPS=fla` and fla cannot run on `tensor`.
     """
+    if torch.compiler.is_compiling():
+        return None  # under torch.compile the torch path is traced, and inductor fuses it with its neighbours
     backend = requested_backend()
     if backend == "torch":
         return None
@@ -215,6 +217,8 @@ def gated_delta_rule(
             # It has no backward, hence only without gradients.
             return fla.fused_recurrent_gated_delta_rule(**arguments)
         return fla.chunk_gated_delta_rule(**arguments, chunk_size=chunk_size if chunk_size in _FLA_CHUNK_SIZES else 64)
+    if q.shape[1] == 1:
+        return _gated_delta_rule_one_token(q, k, v, g, beta, initial_state, output_final_state, scale, use_qk_l2norm)
     return _gated_delta_rule_torch(
         q,
         k,
@@ -227,6 +231,36 @@ def gated_delta_rule(
         use_qk_l2norm=use_qk_l2norm,
         chunk_size=chunk_size,
     )
+
+
+def _gated_delta_rule_one_token(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    initial_state: Tensor | None,
+    output_final_state: bool,
+    scale: float,
+    use_qk_l2norm: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """The recurrence for one token (a decoding step), in element-wise products and sums that a compiler fuses;
+    the chunked form would pad the token to a whole chunk. Computed in float32, or float64 for float64 inputs."""
+    out_dtype = q.dtype
+    B, _, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype, g.dtype, beta.dtype) else torch.float32
+    q, k, v, g, beta = (t[:, 0].to(dtype) for t in (q, k, v, g, beta))  # [B, H, K], [B, HV, V], [B, HV]
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    if HV != H:
+        q, k = q.repeat_interleave(HV // H, dim=1), k.repeat_interleave(HV // H, dim=1)
+    S = q.new_zeros(B, HV, K, V) if initial_state is None else initial_state.to(dtype)
+    S = S * g.exp()[..., None, None]
+    u = beta[..., None] * (v - (S * k[..., None]).sum(-2))
+    S = S + k[..., None] * u[..., None, :]
+    o = (S * (q * scale)[..., None]).sum(-2)
+    return o[:, None].to(out_dtype), (S if output_final_state else None)
 
 
 def _gated_delta_rule_torch(
