@@ -41,7 +41,7 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="on CUDA, compile the wake step (torch.compile) before capturing it: about a minute of compiling, then "
+        help="on CUDA, compile the wake step (torch.compile) before capturing it: some seconds of compiling, then "
         "faster tokens; for long generations",
     )
     parser.add_argument(

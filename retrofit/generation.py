@@ -116,8 +116,8 @@ class SleepCache(StreamingCache):
     On CUDA the one-token wake step and the sleep of a full window are each captured once as a CUDA graph and
     replayed after (`capture=False` keeps both eager); where capture fails, that step stays eager and says so once.
     `compile=True` also compiles the wake step with `torch.compile` before it is captured: inductor fuses its
-    ~1,300 small kernels per token into far fewer, for about a minute of compiling on the first decoding step
-    (worth it for long generations; see benchmarks/README.md, issue 23).
+    ~1,300 small kernels per token into far fewer, for some seconds of compiling on the first decoding step (24 s
+    for a 2B model on an H100); worth it for long generations (benchmarks/README.md, issue 23).
 
     Attributes:
         chunk_start_states: each block's fast state at the current chunk's start (what its sleep starts from).
