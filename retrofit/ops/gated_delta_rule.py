@@ -217,8 +217,6 @@ def gated_delta_rule(
             # It has no backward, hence only without gradients.
             return fla.fused_recurrent_gated_delta_rule(**arguments)
         return fla.chunk_gated_delta_rule(**arguments, chunk_size=chunk_size if chunk_size in _FLA_CHUNK_SIZES else 64)
-    if q.shape[1] == 1:
-        return _gated_delta_rule_one_token(q, k, v, g, beta, initial_state, output_final_state, scale, use_qk_l2norm)
     return _gated_delta_rule_torch(
         q,
         k,
@@ -233,34 +231,13 @@ def gated_delta_rule(
     )
 
 
-def _gated_delta_rule_one_token(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    g: Tensor,
-    beta: Tensor,
-    initial_state: Tensor | None,
-    output_final_state: bool,
-    scale: float,
-    use_qk_l2norm: bool,
-) -> tuple[Tensor, Tensor | None]:
-    """The recurrence for one token (a decoding step), in element-wise products and sums that a compiler fuses;
-    the chunked form would pad the token to a whole chunk. Computed in float32, or float64 for float64 inputs."""
-    out_dtype = q.dtype
-    B, _, H, K = q.shape
-    HV, V = v.shape[2], v.shape[3]
-    dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype, g.dtype, beta.dtype) else torch.float32
-    q, k, v, g, beta = (t[:, 0].to(dtype) for t in (q, k, v, g, beta))  # [B, H, K], [B, HV, V], [B, HV]
-    if use_qk_l2norm:
-        q, k = l2norm(q), l2norm(k)
-    if HV != H:
-        q, k = q.repeat_interleave(HV // H, dim=1), k.repeat_interleave(HV // H, dim=1)
-    S = q.new_zeros(B, HV, K, V) if initial_state is None else initial_state.to(dtype)
+def _recurrent_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
+    """One token of the recurrence (q already scaled; q, k `[B, HV, K]`, v `[B, HV, V]`, g, beta `[B, HV]`), in
+    element-wise products and sums that a compiler fuses. Returns o `[B, HV, V]` and the new state."""
     S = S * g.exp()[..., None, None]
     u = beta[..., None] * (v - (S * k[..., None]).sum(-2))
     S = S + k[..., None] * u[..., None, :]
-    o = (S * (q * scale)[..., None]).sum(-2)
-    return o[:, None].to(out_dtype), (S if output_final_state else None)
+    return (S * q[..., None]).sum(-2), S
 
 
 def _gated_delta_rule_torch(
@@ -295,6 +272,10 @@ def _gated_delta_rule_torch(
         q, k = l2norm(q), l2norm(k)
     if HV != H:
         q, k = q.repeat_interleave(HV // H, dim=2), k.repeat_interleave(HV // H, dim=2)
+    S = q.new_zeros(B, HV, K, V) if initial_state is None else initial_state.to(dtype)
+    if T == 1:  # a decoding step: the recurrence itself, not the token padded to a whole chunk
+        o, S = _recurrent_step(q[:, 0] * scale, k[:, 0], v[:, 0], g[:, 0], beta[:, 0], S)
+        return o[:, None].to(out_dtype), (S if output_final_state else None)
 
     # [B, HV, T, D]; pad T to a whole number of chunks with g = 0, beta = 0 (and zero q, k, v): an exact no-op.
     C = chunk_size
@@ -322,7 +303,6 @@ def _gated_delta_rule_torch(
     k_decayed = k * (G[..., -1:] - G).exp().unsqueeze(-1)
     chunk_decay = G[..., -1].exp()[..., None, None]
 
-    S = q.new_zeros(B, HV, K, V) if initial_state is None else initial_state.to(dtype)
     outputs = []
     for n in range(N):
         U = U0[:, :, n] - W[:, :, n] @ S
