@@ -322,7 +322,7 @@ class _CapturedWake:
             try:
                 captured.warm_logits = captured.wake(engine, captured.input_ids, captured.valid, False)
             except RuntimeError as error:  # dynamo and inductor errors; a compile fails before the step changes state
-                if captured.wake == cache._wake:
+                if not cache.compile:
                     raise
                 _say_once("compiling", f"the wake step runs uncompiled: torch.compile failed ({error})")
                 captured.wake = cache._wake
