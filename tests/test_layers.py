@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from retrofit.blocks import Chunk, KVWindow
-from retrofit.layers.attention import Attention
+from retrofit.layers.attention import Attention, attend
 from retrofit.layers.norm import RMSNorm
 from retrofit.layers.rope import RotaryEmbedding
 
@@ -65,3 +65,25 @@ def test_decoded_token_attention_avoids_cudnn():
             reference = layer(x, None, window, chunk)[0]
     assert not any("cudnn" in name for name in names), sorted(n for n in names if "cudnn" in n)
     torch.testing.assert_close(out, reference, rtol=2e-2, atol=2e-2)
+
+
+def test_masked_decoded_token_over_grouped_heads_equals_softmax_over_valid_keys():
+    """A decoded token with grouped KV heads under a mask (padding in the window, a sliding window) folds its query
+    heads into its KV heads' queries; the result is each query head's softmax over the keys it may see, written out."""
+    gen = torch.Generator().manual_seed(0)
+    heads, kv_heads, dim, length, window = 8, 2, 16, 12, 9
+    q = torch.randn(2, heads, 1, dim, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, kv_heads, length + 1, dim, generator=gen, dtype=torch.float64) for _ in range(2))
+    valid = torch.ones(2, length + 1, dtype=torch.bool)
+    valid[1, 5:7] = False  # padding inside row 1's window
+    retained = KVWindow(k[:, :, :length], v[:, :, :length], valid[:, :length], 0, True)
+    positions = torch.full((2, 1), length)
+    chunk = Chunk(length, positions, valid[:, length:], None, None, False)
+    out, _ = attend(q, k[:, :, length:], v[:, :, length:], retained, chunk, window)
+
+    sees = valid & (torch.arange(length + 1) > length - window)  # [B, R]: valid and within the window
+    for b in range(2):
+        for h in range(heads):
+            keys, values = k[b, h // (heads // kv_heads)][sees[b]], v[b, h // (heads // kv_heads)][sees[b]]
+            weights = torch.softmax(keys @ q[b, h, 0] / dim**0.5, dim=0)
+            torch.testing.assert_close(out[b, h, 0], weights @ values, rtol=1e-10, atol=1e-10)

@@ -370,3 +370,44 @@ def test_small_16bit_heads_under_gradients_avoid_fla_backward(monkeypatch):
     monkeypatch.setenv("RETROFIT_OPS", "fla")
     with pytest.raises(RuntimeError, match="K=16"):
         gated_delta_rule(*small)
+
+
+@pytest.mark.parametrize(("T", "dtype"), [(1, torch.float32), (3, torch.float64)])
+def test_compiled_inference_call_runs_as_one_op_and_matches_naive(T, dtype):
+    """Under `torch.compile` without gradients, a short call is one opaque op
+    (`sleep_retrofit::recurrent_gated_delta_rule`, so that a compiled decoding step keeps fla's fused kernel on CUDA);
+    it equals the token-by-token reference."""
+    inputs = {
+        n: t.detach() for n, t in gdr_inputs(2, T, 2, 4, 8, 16, dtype=dtype, qk_l2norm=True, g_zero=False).items()
+    }
+    expected, expected_state = naive_gated_delta_rule(**as_f64_leaves(inputs), use_qk_l2norm=True)
+    seen = []
+
+    def backend(graph_module, example_inputs):
+        seen.extend(str(node.target) for node in graph_module.graph.nodes)
+        return graph_module.forward
+
+    def step(q, k, v, g, beta, initial_state):
+        return gated_delta_rule(
+            q, k, v, g, beta, initial_state=initial_state, output_final_state=True, use_qk_l2norm=True
+        )
+
+    with torch.no_grad():
+        o, state = torch.compile(step, backend=backend, fullgraph=True)(**inputs)
+    assert "sleep_retrofit.recurrent_gated_delta_rule" in seen
+    assert o.dtype == dtype and state.shape == expected_state.shape
+    tol = F64_TOL if dtype == torch.float64 else F32_TOL
+    assert rel_err(o, expected) < tol
+    assert rel_err(state, expected_state) < tol
+
+
+def test_recurrent_op_passes_torch_library_checks():
+    """The op's fake (shape) function agrees with what it computes, as `torch.compile` relies on."""
+    inputs = {
+        n: t.detach()
+        for n, t in gdr_inputs(1, 2, 1, 2, 8, 8, dtype=torch.float32, qk_l2norm=True, g_zero=False).items()
+    }
+    arguments = (*inputs.values(), 8**-0.5, True)
+    torch.library.opcheck(torch.ops.sleep_retrofit.recurrent_gated_delta_rule.default, arguments)
+    no_state = (*list(inputs.values())[:5], None, 8**-0.5, False)
+    torch.library.opcheck(torch.ops.sleep_retrofit.recurrent_gated_delta_rule.default, no_state)

@@ -105,12 +105,12 @@ def attend(
     mask = None
     if not (plain_causal or sees_all):
         mask = attention_mask(keys, chunk, window)
-        if grouped and length > 1:
+        if grouped and length == 1:
+            return _grouped_query(q, keys_, values, mask), own
+        if grouped:
             # SDPA's memory-efficient kernel takes a mask but not `enable_gqa`; with both, torch falls back
             # to the math kernel, which materialises [B, H, C, R] scores (slow, and 24 GiB at C = R = 32K).
             # Repeating the KV heads keeps masked attention (sliding windows, retained KV) on a fused kernel.
-            # A single query (decoding) stays grouped: its scores are [B, H, 1, R], and a copy of the whole
-            # KV window per token would cost more than it saves.
             repeats = num_heads // num_kv_heads
             keys_, values = keys_.repeat_interleave(repeats, 1), values.repeat_interleave(repeats, 1)
             grouped = False
@@ -119,3 +119,20 @@ def attend(
             q, keys_, values, attn_mask=mask, is_causal=plain_causal, enable_gqa=grouped
         )
     return out, own
+
+
+def _grouped_query(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+    """Masked attention of one query per head `[B, H, 1, D]` (a decoded token) over grouped KV heads `[B, H_kv, R, D]`.
+
+    The query heads that share a KV head become that head's queries, `[B, H_kv, H / H_kv, D]`, all under the same
+    key mask: plain multi-head attention, which SDPA's memory-efficient kernel takes with a mask. Asked for
+    `enable_gqa` with a mask, torch runs its math kernel instead, which copies the KV window per query head and
+    computes in float32 (0.8 ms per token at batch 16 in a compiled Jet-Nemotron-2B step; benchmarks/README.md).
+    """
+    batch, num_heads, _, head_dim = q.shape
+    num_kv_heads = keys.shape[1]
+    with sdpa_kernel(DECODE_BACKENDS):
+        out = F.scaled_dot_product_attention(
+            q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim), keys, values, attn_mask=mask
+        )
+    return out.reshape(batch, num_heads, 1, head_dim)

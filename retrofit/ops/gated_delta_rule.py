@@ -196,6 +196,11 @@ def gated_delta_rule(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if torch.compiler.is_compiling() and q.shape[1] <= _FLA_RECURRENT_MAX_T and not torch.is_grad_enabled():
+        o, final_state = torch.ops.sleep_retrofit.recurrent_gated_delta_rule(
+            q, k, v, g, beta, initial_state, scale, use_qk_l2norm
+        )
+        return o, (final_state if output_final_state else None)
     fla = select_fla_module(q, _FLA_GDR_MODULE)
     if fla is not None and _fla_backward_would_crash(q, k, v, g, beta, initial_state):
         if requested_backend() == "fla":
@@ -310,3 +315,35 @@ def _gated_delta_rule_torch(
         S = chunk_decay[:, :, n] * S + k_decayed[:, :, n].transpose(-1, -2) @ U
     o = torch.stack(outputs, dim=2).reshape(B, HV, N * C, V)[:, :, :T].transpose(1, 2).to(out_dtype)
     return o, (S if output_final_state else None)
+
+
+@torch.library.custom_op("sleep_retrofit::recurrent_gated_delta_rule", mutates_args=())
+def _recurrent_gated_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    initial_state: Tensor | None,
+    scale: float,
+    use_qk_l2norm: bool,
+) -> tuple[Tensor, Tensor]:
+    """A short inference call of `gated_delta_rule` (a decoded token) as one opaque op for `torch.compile`.
+
+    A compiled wake step would otherwise trace the torch path (fla's entry points are `torch.compiler.disable`d,
+    which splits the graph): inductor then reads and writes each fast state about three times per token, where
+    fla's fused recurrent kernel reads it once and writes it once. Run eagerly, the op takes the usual dispatch, so
+    it is fla's kernel wherever eager decoding's is, and the torch path elsewhere.
+    """
+    o, final_state = gated_delta_rule(
+        q, k, v, g, beta, initial_state=initial_state, output_final_state=True, scale=scale, use_qk_l2norm=use_qk_l2norm
+    )
+    return o.to(q.dtype).contiguous(), final_state
+
+
+@_recurrent_gated_delta_rule.register_fake
+def _(q, k, v, g, beta, initial_state, scale, use_qk_l2norm):
+    B, _, _, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    state_dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype, g.dtype, beta.dtype) else torch.float32
+    return torch.empty_like(v, dtype=q.dtype), v.new_empty(B, HV, K, V, dtype=state_dtype)

@@ -1,0 +1,81 @@
+"""Probe (issue 23): compiled wake decoding of the Jet-Nemotron-2B and Qwen3.5-2B shapes, batch 1 and 16.
+
+Random init, bf16, sleeping with L = 2000, N = 6, hard eviction, `SleepCache(compile=True)`. Per shape: ms/token at
+batch 1 after a 2K and a 32K prompt, at batch 16 after a 2K prompt (bursts of 8 tokens, as item d of `run.py`), and
+the kernels of one profiled token at batch 1 and 16 (`<shape>-b<batch>.txt`).
+
+    python -m benchmarks.probes.decode_shapes --out OUT     # GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks import native
+from benchmarks.run import GPU_SHAPE, decode_latencies, jet_model
+from retrofit import SleepConfig, apply_sleep
+from retrofit.generation import SleepCache
+
+SLEEP = SleepConfig(window=2000, passes=6, eviction="hard")
+RUNS = {"b1_2k": (1, 2048), "b1_32k": (1, 32768), "b16_2k": (16, 2048)}
+
+
+def kernel_table(model, vocab: int, batch: int, rows: int = 16) -> str:
+    """Device time of one replayed token after a 2K prompt, by kernel."""
+    prompt = torch.randint(0, vocab, (batch, 2048), device=model.device)
+    cache = SleepCache(compile=True)
+    with torch.no_grad():
+        ids = model(prompt, cache=cache).logits[:, -1:].argmax(-1)
+        for _ in range(2):  # the compiled first step, then the capture
+            model(ids, cache=cache)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(ids, cache=cache)
+            torch.cuda.synchronize()
+    events = sorted(
+        (e for e in prof.key_averages() if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total
+    )
+    lines = [f"total {sum(e.self_device_time_total for e in events) / 1e3:.3f} ms of device time per token"]
+    lines += [f"{e.self_device_time_total:9.1f} us {e.count:5d}x  {e.key[:100]}" for e in events[:rows]]
+    return "\n".join(lines)
+
+
+def measure(name: str, model, out: Path) -> dict:
+    model.eval()
+    apply_sleep(model, SLEEP)
+    vocab = model.config.vocab_size
+    row = {}
+    for run, (batch, context) in RUNS.items():
+        seconds = decode_latencies(model, {"s": (SLEEP, {"compile": True})}, context, 24, vocab, batch=batch)["s"]
+        row[f"{run}_ms"] = seconds * 1e3
+        print(name, run, f"{seconds * 1e3:.3f} ms/token", flush=True)
+    row["flatness_32k_over_2k"] = row["b1_32k_ms"] / row["b1_2k_ms"]
+    row["batch16_throughput_ratio"] = 16 * row["b1_2k_ms"] / row["b16_2k_ms"]
+    for batch in (1, 16):
+        (out / f"{name}-b{batch}.txt").write_text(kernel_table(model, vocab, batch))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    out = parser.parse_args().out
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda")
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    results["jet_nemotron_2b"] = measure("jet_nemotron_2b", jet_model(GPU_SHAPE, device), out)
+    torch.cuda.empty_cache()
+    _, ours = native.models(False, device)
+    results["qwen3_5_2b"] = measure("qwen3_5_2b", ours, out)
+    (out / "decode_shapes.json").write_text(json.dumps(results, indent=1))
+    for shape in ("jet_nemotron_2b", "qwen3_5_2b"):
+        print(shape, " ".join(f"{k}={v:.3f}" for k, v in results[shape].items()))
+
+
+if __name__ == "__main__":
+    main()
