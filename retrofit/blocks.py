@@ -132,10 +132,12 @@ class KVRing:
         if self.keys is None:
             self._allocate(window)
         slots = index % self.capacity
-        self.keys.index_copy_(2, slots, window.keys)
-        self.values.index_copy_(2, slots, window.values)
-        self.valid.index_copy_(1, slots, window.valid)
-        self.index.index_copy_(0, slots, index)
+        # Indexed assignment (`index_put_`), which inductor updates in place inside a compiled decoding step, where it
+        # rewrote the whole buffer for `index_copy_` (twice per token).
+        self.keys[:, :, slots] = window.keys
+        self.values[:, :, slots] = window.values
+        self.valid[:, slots] = window.valid
+        self.index[slots] = index
 
     def _allocate(self, like: KVWindow) -> None:
         batch, heads, _, dim = like.keys.shape

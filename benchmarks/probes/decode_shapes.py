@@ -45,18 +45,21 @@ def kernel_table(model, vocab: int, batch: int, rows: int = 16) -> str:
     return "\n".join(lines)
 
 
-def measure(name: str, model, out: Path) -> dict:
+def measure(name: str, model, out: Path, runs: list[str], profile_batches: list[int]) -> dict:
     model.eval()
     apply_sleep(model, SLEEP)
     vocab = model.config.vocab_size
     row = {}
-    for run, (batch, context) in RUNS.items():
+    for run in runs:
+        batch, context = RUNS[run]
         seconds = decode_latencies(model, {"s": (SLEEP, {"compile": True})}, context, 24, vocab, batch=batch)["s"]
         row[f"{run}_ms"] = seconds * 1e3
         print(name, run, f"{seconds * 1e3:.3f} ms/token", flush=True)
-    row["flatness_32k_over_2k"] = row["b1_32k_ms"] / row["b1_2k_ms"]
-    row["batch16_throughput_ratio"] = 16 * row["b1_2k_ms"] / row["b16_2k_ms"]
-    for batch in (1, 16):
+    if {"b1_2k", "b1_32k"} <= set(runs):
+        row["flatness_32k_over_2k"] = row["b1_32k_ms"] / row["b1_2k_ms"]
+    if {"b1_2k", "b16_2k"} <= set(runs):
+        row["batch16_throughput_ratio"] = 16 * row["b1_2k_ms"] / row["b16_2k_ms"]
+    for batch in profile_batches:
         (out / f"{name}-b{batch}.txt").write_text(kernel_table(model, vocab, batch))
     return row
 
@@ -64,17 +67,23 @@ def measure(name: str, model, out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    out = parser.parse_args().out
-    out.mkdir(parents=True, exist_ok=True)
+    parser.add_argument("--shapes", default="jet_nemotron_2b,qwen3_5_2b", help="comma-separated, measured in order")
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated among {', '.join(RUNS)}")
+    parser.add_argument("--profile", default="1,16", help="batches to profile one token of ('' for none)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda")
+    builders = {
+        "jet_nemotron_2b": lambda: jet_model(GPU_SHAPE, device),
+        "qwen3_5_2b": lambda: native.models(False, device)[1],
+    }
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    results["jet_nemotron_2b"] = measure("jet_nemotron_2b", jet_model(GPU_SHAPE, device), out)
-    torch.cuda.empty_cache()
-    _, ours = native.models(False, device)
-    results["qwen3_5_2b"] = measure("qwen3_5_2b", ours, out)
-    (out / "decode_shapes.json").write_text(json.dumps(results, indent=1))
-    for shape in ("jet_nemotron_2b", "qwen3_5_2b"):
-        print(shape, " ".join(f"{k}={v:.3f}" for k, v in results[shape].items()))
+    for shape in args.shapes.split(","):
+        profiled = [int(b) for b in args.profile.split(",") if b]
+        results[shape] = measure(shape, builders[shape](), args.out, args.runs.split(","), profiled)
+        torch.cuda.empty_cache()
+        (args.out / "decode_shapes.json").write_text(json.dumps(results, indent=1))
+        print(shape, " ".join(f"{k}={v:.3f}" for k, v in results[shape].items()), flush=True)
 
 
 if __name__ == "__main__":

@@ -90,13 +90,18 @@ def attend(
     """
     length, num_heads, num_kv_heads = q.shape[2], q.shape[1], k.shape[1]
     own = KVWindow(k, v, chunk.valid, chunk.start, chunk.padded, chunk.index)
+    window = _min_window(window, chunk.window)
+    if isinstance(kv, KVRing) and length == 1 and kv.keys is not None:
+        held = kv.window()
+        out = _one_query(q, [(held, attention_mask(held, chunk, window)), (own, None)])
+        kv.write(own)
+        return out, own
     if isinstance(kv, KVRing):
         keys = kv.read_with(own)
     elif kv is None:
         keys = own
     else:
         keys = kv.extend(own)
-    window = _min_window(window, chunk.window)
     plain_causal = kv is None and not chunk.padded and (window is None or window >= length)
     # Decoding: one query, the newest token, that may see every key (no padding, all within the window).
     sees_all = length == 1 and not keys.padded and (window is None or window >= keys.length)
@@ -105,8 +110,8 @@ def attend(
     mask = None
     if not (plain_causal or sees_all):
         mask = attention_mask(keys, chunk, window)
-        if grouped and length == 1:
-            return _grouped_query(q, keys_, values, mask), own
+        if length == 1:
+            return _one_query(q, [(keys, mask)]), own
         if grouped:
             # SDPA's memory-efficient kernel takes a mask but not `enable_gqa`; with both, torch falls back
             # to the math kernel, which materialises [B, H, C, R] scores (slow, and 24 GiB at C = R = 32K).
@@ -121,18 +126,25 @@ def attend(
     return out, own
 
 
-def _grouped_query(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
-    """Masked attention of one query per head `[B, H, 1, D]` (a decoded token) over grouped KV heads `[B, H_kv, R, D]`.
+def _one_query(q: Tensor, parts: list[tuple[KVWindow, Tensor | None]]) -> Tensor:
+    """Attention of one query per head `[B, H, 1, D]` (a decoded token) over the keys of `parts`, each a window of
+    grouped KV heads `[B, H_kv, R, D]` with its mask `[B, 1, 1, R]` (None: all visible), as if they were one window.
 
-    The query heads that share a KV head become that head's queries, `[B, H_kv, H / H_kv, D]`, all under the same
-    key mask: plain multi-head attention, which SDPA's memory-efficient kernel takes with a mask. Asked for
-    `enable_gqa` with a mask, torch runs its math kernel instead, which copies the KV window per query head and
-    computes in float32 (0.8 ms per token at batch 16 in a compiled Jet-Nemotron-2B step; benchmarks/README.md).
+    Written out (scores in the input dtype, softmax in float32, as transformers' eager attention) rather than through
+    SDPA: the query heads that share a KV head are that head's queries, so every window is read once and none is
+    copied. SDPA has no fused kernel for a masked single query that reads a long window fast: it takes the math
+    kernel under `enable_gqa` (a float32 copy of the window per query head) and otherwise the memory-efficient one,
+    whose B x H_kv blocks each walk all R keys alone (60-130 us per layer at batch 1 on an H100, benchmarks/README.md).
+    Taking the retained window and the token's own keys as two parts spares the copy that joining them would make.
     """
     batch, num_heads, _, head_dim = q.shape
-    num_kv_heads = keys.shape[1]
-    with sdpa_kernel(DECODE_BACKENDS):
-        out = F.scaled_dot_product_attention(
-            q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim), keys, values, attn_mask=mask
-        )
-    return out.reshape(batch, num_heads, 1, head_dim)
+    num_kv_heads = parts[0][0].keys.shape[1]
+    grouped = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    score_dtype = torch.promote_types(q.dtype, torch.float32)
+    scores = []
+    for window, mask in parts:
+        part = (grouped @ window.keys.transpose(-1, -2)).to(score_dtype) * head_dim**-0.5
+        scores.append(part if mask is None else part.masked_fill(~mask, float("-inf")))
+    weights = torch.cat(scores, dim=-1).softmax(-1).to(q.dtype).split([w.length for w, _ in parts], dim=-1)
+    out = sum(w @ window.values for w, (window, _) in zip(weights, parts, strict=True))
+    return out.reshape(batch, num_heads, 1, -1)
