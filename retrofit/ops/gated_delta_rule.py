@@ -7,6 +7,9 @@ This module also owns the backend selection that every op in `retrofit.ops` shar
 * `RETROFIT_OPS=torch`: always the torch path (a reference on GPU);
 * `RETROFIT_OPS=fla`: always fla; anything that makes that impossible is a `RuntimeError` saying what is missing.
 
+Under `torch.compile` every op traces its torch path, which inductor fuses with its neighbours, except a short
+gated delta rule call without gradients (a decoded token): that is one opaque op that dispatches as above when it runs.
+
 fla's `fla.ops`/`fla.modules` import triton at import time and crash without it (CPU CI has no triton), so they are
 imported lazily, on first use, and the result (module or failure) is cached.
 """
