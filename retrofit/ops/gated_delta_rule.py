@@ -248,6 +248,11 @@ def _recurrent_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, S:
     return (S * q[..., None]).sum(-2), S
 
 
+def _state_dtype(*inputs: Tensor) -> torch.dtype:
+    """The torch path's compute and state dtype: float64 when an input is, float32 otherwise (fla's state dtype)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in inputs) else torch.float32
+
+
 def _gated_delta_rule_torch(
     q: Tensor,
     k: Tensor,
@@ -274,7 +279,7 @@ def _gated_delta_rule_torch(
     out_dtype = q.dtype
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
-    dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype, g.dtype, beta.dtype) else torch.float32
+    dtype = _state_dtype(q, k, v, g, beta)
     q, k, v, g, beta = (t.to(dtype) for t in (q, k, v, g, beta))
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
@@ -348,5 +353,4 @@ def _recurrent_gated_delta_rule(
 def _(q, k, v, g, beta, initial_state, scale, use_qk_l2norm):
     B, _, _, K = q.shape
     HV, V = v.shape[2], v.shape[3]
-    state_dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype, g.dtype, beta.dtype) else torch.float32
-    return torch.empty_like(v, dtype=q.dtype), v.new_empty(B, HV, K, V, dtype=state_dtype)
+    return torch.empty_like(v, dtype=q.dtype), v.new_empty(B, HV, K, V, dtype=_state_dtype(q, k, v, g, beta))
