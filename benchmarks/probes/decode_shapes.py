@@ -2,7 +2,8 @@
 
 Random init, bf16, sleeping with L = 2000, N = 6, hard eviction, `SleepCache(compile=True)`. Per shape: ms/token at
 batch 1 after a 2K and a 32K prompt, at batch 16 after a 2K prompt (bursts of 8 tokens, as item d of `run.py`), and
-the kernels of one profiled token at batch 1 and 16 (`<shape>-b<batch>.txt`).
+the profile of one token at batch 1 and 16 (`<shape>-b<batch>.txt`; the committed results of 2026-12-05 list only
+the top kernels, from an earlier version of this probe).
 
     python -m benchmarks.probes.decode_shapes --out OUT     # GPU machine
 """
@@ -14,10 +15,9 @@ import json
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import native
-from benchmarks.run import GPU_SHAPE, decode_latencies, jet_model
+from benchmarks.run import GPU_SHAPE, decode_latencies, jet_model, write_profile
 from retrofit import SleepConfig, apply_sleep
 from retrofit.generation import SleepCache
 
@@ -25,24 +25,14 @@ SLEEP = SleepConfig(window=2000, passes=6, eviction="hard")
 RUNS = {"b1_2k": (1, 2048), "b1_32k": (1, 32768), "b16_2k": (16, 2048)}
 
 
-def kernel_table(model, vocab: int, batch: int, rows: int = 16) -> str:
-    """Device time of one replayed token after a 2K prompt, by kernel."""
+def profile_token(model, vocab: int, batch: int, path: Path) -> None:
+    """Profile one replayed token after a 2K prompt to `path` (`run.write_profile`'s tables)."""
     prompt = torch.randint(0, vocab, (batch, 2048), device=model.device)
     cache = SleepCache(compile=True)
     with torch.no_grad():
         ids = model(prompt, cache=cache).logits[:, -1:].argmax(-1)
-        for _ in range(2):  # the compiled first step, then the capture
-            model(ids, cache=cache)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            model(ids, cache=cache)
-            torch.cuda.synchronize()
-    events = sorted(
-        (e for e in prof.key_averages() if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total
-    )
-    lines = [f"total {sum(e.self_device_time_total for e in events) / 1e3:.3f} ms of device time per token"]
-    lines += [f"{e.self_device_time_total:9.1f} us {e.count:5d}x  {e.key[:100]}" for e in events[:rows]]
-    return "\n".join(lines)
+        model(ids, cache=cache)  # the compiled first step; write_profile's warm-up call captures the graph
+        write_profile(path, lambda: model(ids, cache=cache))
 
 
 def measure(name: str, model, out: Path, runs: list[str], profile_batches: list[int]) -> dict:
@@ -60,7 +50,7 @@ def measure(name: str, model, out: Path, runs: list[str], profile_batches: list[
     if {"b1_2k", "b16_2k"} <= set(runs):
         row["batch16_throughput_ratio"] = 16 * row["b1_2k_ms"] / row["b16_2k_ms"]
     for batch in profile_batches:
-        (out / f"{name}-b{batch}.txt").write_text(kernel_table(model, vocab, batch))
+        profile_token(model, vocab, batch, out / f"{name}-b{batch}.txt")
     return row
 
 
