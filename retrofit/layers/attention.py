@@ -146,5 +146,7 @@ def _one_query(q: Tensor, parts: list[tuple[KVWindow, Tensor | None]]) -> Tensor
         part = (grouped @ window.keys.transpose(-1, -2)).to(score_dtype) * head_dim**-0.5
         scores.append(part if mask is None else part.masked_fill(~mask, float("-inf")))
     weights = torch.cat(scores, dim=-1).softmax(-1).to(q.dtype).split([w.length for w, _ in parts], dim=-1)
-    out = sum(w @ window.values for w, (window, _) in zip(weights, parts, strict=True))
+    # Each part's weights contiguous: a view into the joined rows starts them at an odd offset, and cuBLAS's fast
+    # kernels need 16-byte aligned rows (KVRing's storage is a multiple of 8 slots for the same reason).
+    out = sum(w.contiguous() @ window.values for w, (window, _) in zip(weights, parts, strict=True))
     return out.reshape(batch, num_heads, 1, -1)
