@@ -7,10 +7,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from retrofit.blocks import Chunk, KVWindow
 from retrofit.layers.attention import Attention, attend
+from retrofit.layers.gates import gate_projection
 from retrofit.layers.norm import RMSNorm
 from retrofit.layers.rope import RotaryEmbedding
 
@@ -87,3 +89,34 @@ def test_masked_decoded_token_over_grouped_heads_equals_softmax_over_valid_keys(
             keys, values = k[b, h // (heads // kv_heads)][sees[b]], v[b, h // (heads // kv_heads)][sees[b]]
             weights = torch.softmax(keys @ q[b, h, 0] / dim**0.5, dim=0)
             torch.testing.assert_close(out[b, h, 0], weights @ values, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_compiled_gate_projection_is_a_fused_sum_equal_to_the_linear(bias):
+    """In a compiled step without gradients a gate projection is traced as a multiply-and-sum (no matmul for cuBLAS)
+    that equals the float64 linear map; with gradients, or for a subclass (an adapter), the module itself runs."""
+    gen = torch.Generator().manual_seed(0)
+    linear = nn.Linear(24, 5, bias=bias)
+    x = torch.randn(3, 2, 24, generator=gen)
+    expected = F.linear(x.double(), linear.weight.double(), None if linear.bias is None else linear.bias.double())
+    traced = []
+
+    def backend(graph_module, example_inputs):
+        traced.extend(str(node.target) for node in graph_module.graph.nodes if node.op != "placeholder")
+        return graph_module.forward
+
+    with torch.no_grad():
+        y = torch.compile(gate_projection, backend=backend, fullgraph=True)(linear, x)
+    assert not any("linear" in t or "matmul" in t or "mm" in t.split(".")[-1] for t in traced), traced
+    assert y.dtype == x.dtype
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+    class Adapted(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + 1
+
+    adapted = Adapted(24, 5, bias=bias)
+    adapted.load_state_dict(linear.state_dict())
+    with torch.no_grad():
+        y = torch.compile(gate_projection, backend="eager", fullgraph=True)(adapted, x)
+    torch.testing.assert_close(y.double(), expected + 1, rtol=1e-5, atol=1e-5)

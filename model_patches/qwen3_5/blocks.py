@@ -15,12 +15,14 @@ from torch import Tensor, nn
 
 from retrofit.blocks import Chunk, KVWindow
 from retrofit.layers.attention import attend
+from retrofit.layers.gates import gate_projection
 from retrofit.layers.views import AttentionView, DeltaNetLayout, mlp_output
 
 
 def qwen3_5_projections(mixer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Qwen3.5's separate projections: q|k|v before the conv `[B, T, 2K + V]`, z `[B, T, V]`, b and a `[B, T, HV]`."""
-    return mixer.in_proj_qkv(x), mixer.in_proj_z(x), mixer.in_proj_b(x), mixer.in_proj_a(x)
+    b, a = gate_projection(mixer.in_proj_b, x), gate_projection(mixer.in_proj_a, x)
+    return mixer.in_proj_qkv(x), mixer.in_proj_z(x), b, a
 
 
 def qwen3_next_projections(mixer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from transformers import initialization as init
 
 from retrofit.blocks import Chunk, LinearState
+from retrofit.layers.gates import gate_projection
 from retrofit.layers.norm import GatedRMSNorm
 from retrofit.ops import gated_delta_rule, short_conv
 
@@ -74,8 +75,9 @@ class GatedDeltaRuleMixer(nn.Module):
         then the gated norm and `o_proj`. Returns the mixer output and the final recurrent state."""
         batch, length, _ = x.shape
         gate_dtype = torch.promote_types(x.dtype, torch.float32)  # fp32 under bf16, fp64 in exact tests
-        g = -self.A_log.to(gate_dtype).exp() * F.softplus(self.a_proj(x).to(gate_dtype) + self.dt_bias.to(gate_dtype))
-        beta = self.b_proj(x).sigmoid()
+        a = gate_projection(self.a_proj, x).to(gate_dtype)
+        g = -self.A_log.to(gate_dtype).exp() * F.softplus(a + self.dt_bias.to(gate_dtype))
+        beta = gate_projection(self.b_proj, x).sigmoid()
         if keep is not None:
             g, beta = g * keep.to(gate_dtype), beta * keep
         o, recurrent = gated_delta_rule(
