@@ -11,10 +11,12 @@ the top kernels, from an earlier version of this probe).
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 
 from benchmarks import native
 from benchmarks.run import GPU_SHAPE, decode_latencies, jet_model, write_profile
@@ -60,14 +62,18 @@ def main() -> None:
     parser.add_argument("--shapes", default="jet_nemotron_2b,qwen3_5_2b", help="comma-separated, measured in order")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated among {', '.join(RUNS)}")
     parser.add_argument("--profile", default="1,16", help="batches to profile one token of ('' for none)")
+    parser.add_argument("--inductor", default="", help="inductor settings to try, as KEY=PYTHON_VALUE,...")
     args = parser.parse_args()
+    for setting in filter(None, args.inductor.split(",")):
+        key, value = setting.split("=", 1)
+        setattr(torch._inductor.config, key, ast.literal_eval(value))
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda")
     builders = {
         "jet_nemotron_2b": lambda: jet_model(GPU_SHAPE, device),
         "qwen3_5_2b": lambda: native.models(False, device)[1],
     }
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "inductor": args.inductor}
     for shape in args.shapes.split(","):
         profiled = [int(b) for b in args.profile.split(",") if b]
         results[shape] = measure(shape, builders[shape](), args.out, args.runs.split(","), profiled)
