@@ -1,9 +1,9 @@
 """Probe (issue 23): compiled wake decoding of the Jet-Nemotron-2B and Qwen3.5-2B shapes, batch 1 and 16.
 
-Random init, bf16, sleeping with L = 2000, N = 6, hard eviction, `SleepCache(compile=True)`. Per shape: ms/token at
-batch 1 after a 2K and a 32K prompt, at batch 16 after a 2K prompt (bursts of 8 tokens, as item d of `run.py`), and
-the profile of one token at batch 1 and 16 (`<shape>-b<batch>.txt`; the committed results of 2026-12-05 list only
-the top kernels, from an earlier version of this probe).
+Random init, bf16, sleeping with L = 2000, N = 6, hard eviction, `SleepCache(compile=True)`. Per shape: the seconds
+of the first decoded step (which compiles) and of the second (which captures the graph); ms/token at batch 1 after
+a 2K and a 32K prompt, at batch 16 after a 2K prompt (bursts of 8 tokens, as item d of `run.py`); and the profile
+of one token at batch 1 and 16 (`<shape>-b<batch>.txt`).
 
     python -m benchmarks.probes.decode_shapes --out OUT     # GPU machine
 """
@@ -19,7 +19,7 @@ import torch
 import torch._inductor.config
 
 from benchmarks import native
-from benchmarks.run import GPU_SHAPE, decode_latencies, jet_model, write_profile
+from benchmarks.run import GPU_SHAPE, decode_latencies, jet_model, timed, write_profile
 from retrofit import SleepConfig, apply_sleep
 from retrofit.generation import SleepCache
 
@@ -37,11 +37,24 @@ def profile_token(model, vocab: int, batch: int, path: Path) -> None:
         write_profile(path, lambda: model(ids, cache=cache))
 
 
+def first_steps(model, vocab: int) -> dict:
+    """Seconds of the first two decoded tokens of a fresh `SleepCache(compile=True)` after a 64-token prompt: the
+    first compiles the wake step (when nothing compiled it for this model before), the second captures it."""
+    prompt = torch.randint(0, vocab, (1, 64), device=model.device)
+    cache = SleepCache(compile=True)
+    with torch.no_grad():
+        ids = model(prompt, cache=cache).logits[:, -1:].argmax(-1)
+        compiling = timed(lambda: model(ids, cache=cache))
+        capturing = timed(lambda: model(ids, cache=cache))
+    return {"compile_step_s": compiling, "capture_step_s": capturing}
+
+
 def measure(name: str, model, out: Path, runs: list[str], profile_batches: list[int]) -> dict:
     model.eval()
     apply_sleep(model, SLEEP)
     vocab = model.config.vocab_size
-    row = {}
+    row = first_steps(model, vocab)
+    print(name, " ".join(f"{k}={v:.1f}" for k, v in row.items()), flush=True)
     for run in runs:
         batch, context = RUNS[run]
         seconds = decode_latencies(model, {"s": (SLEEP, {"compile": True})}, context, 24, vocab, batch=batch)["s"]
