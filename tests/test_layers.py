@@ -94,7 +94,7 @@ def test_masked_decoded_token_over_grouped_heads_equals_softmax_over_valid_keys(
 @pytest.mark.parametrize("bias", [False, True])
 def test_compiled_gate_projection_is_a_fused_sum_equal_to_the_linear(bias):
     """In a compiled step without gradients a gate projection is traced as a multiply-and-sum (no matmul for cuBLAS)
-    that equals the float64 linear map; with gradients, or for a subclass (an adapter), the module itself runs."""
+    that equals the float64 linear map; with gradients, for a subclass (an adapter) or under hooks, the module runs."""
     gen = torch.Generator().manual_seed(0)
     linear = nn.Linear(24, 5, bias=bias)
     x = torch.randn(3, 2, 24, generator=gen)
@@ -120,6 +120,9 @@ def test_compiled_gate_projection_is_a_fused_sum_equal_to_the_linear(bias):
 
     adapted = Adapted(24, 5, bias=bias)
     adapted.load_state_dict(linear.state_dict())
-    with torch.no_grad():
-        y = torch.compile(gate_projection, backend="eager", fullgraph=True)(adapted, x)
-    torch.testing.assert_close(y.double(), expected + 1, rtol=1e-5, atol=1e-5)
+    hooked = copy.deepcopy(linear)
+    hooked.register_forward_hook(lambda module, args, out: out + 1)  # as ZeRO-3 or offloading hooks would act
+    for module in (adapted, hooked):
+        with torch.no_grad():
+            y = torch.compile(gate_projection, backend="eager", fullgraph=True)(module, x)
+        torch.testing.assert_close(y.double(), expected + 1, rtol=1e-5, atol=1e-5)
