@@ -7,13 +7,14 @@ from torch import Tensor, nn
 
 from retrofit.blocks import Chunk, KVWindow
 from retrofit.layers.attention import attend
+from retrofit.layers.gates import gate_projection
 from retrofit.layers.views import AttentionView, DeltaNetLayout
 
 
 def olmo_hybrid_projections(mixer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """q|k|v before the conv, the output gate `g_proj`, then b and a."""
     qkv = torch.cat([mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x)], dim=-1)
-    return qkv, mixer.g_proj(x), mixer.b_proj(x), mixer.a_proj(x)
+    return qkv, mixer.g_proj(x), gate_projection(mixer.b_proj, x), gate_projection(mixer.a_proj, x)
 
 
 OLMO_HYBRID_LAYOUT = DeltaNetLayout(
