@@ -33,6 +33,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from retrofit.blocks import BlockState, Chunk, KVRing, KVWindow, LinearState, SleepAdapter, join_readable
 from retrofit.engine import SleepEngine
+from retrofit.layers.packing import pack_input_projections
 
 # The name under which this transformers passes a cache to `forward`, returns it in a model output and keeps it
 # between `generate` steps: `cache` from transformers 5.25 on, `past_key_values` before.
@@ -117,7 +118,9 @@ class SleepCache(StreamingCache):
     replayed after (`capture=False` keeps both eager); where capture fails, that step stays eager and says so once.
     `compile=True` also compiles the wake step with `torch.compile` before it is captured: inductor fuses its
     ~1,300 small kernels per token into far fewer, for some seconds of compiling on the first decoding step (24 s
-    for a 2B model on an H100); worth it for long generations (benchmarks/README.md, issue 23).
+    for a 2B model on an H100); worth it for long generations (benchmarks/README.md, issue 23). It first packs the
+    projections that each block applies to one input (`retrofit.layers.packing`), so that the step reads each group
+    of weights as one matrix: the parameters become views of the packed tensors, with their names and values.
 
     Attributes:
         chunk_start_states: each block's fast state at the current chunk's start (what its sleep starts from).
@@ -148,6 +151,7 @@ class SleepCache(StreamingCache):
         self._captured: _CapturedWake | None = None
         self._captured_sleep: _CapturedSleep | None = None
         self._stream: torch.cuda.Stream | None = None
+        self._packed_projections: list[Tensor] = []  # held: the compiled step reads them (`retrofit.layers.packing`)
 
     # ------------------------------------------------------------------ streaming
 
@@ -324,6 +328,7 @@ class _CapturedWake:
     ) -> _CapturedWake:
         wake = cache._wake
         if cache.compile:
+            cache._packed_projections = pack_input_projections(engine.adapter.blocks)
             wake = torch.compile(wake, dynamic=False, options=WAKE_COMPILE_OPTIONS)
         captured = cls(input_ids, stream, wake)
         stream.wait_stream(torch.cuda.current_stream(stream.device))

@@ -16,6 +16,7 @@ from retrofit import SleepConfig, apply_sleep
 from retrofit.blocks import join_windows
 from retrofit.engine import SleepEngine
 from retrofit.generation import CACHE_NAME, SleepCache, StreamCache
+from retrofit.layers.packing import PACKING
 from tests.helpers import random_batch, stream_wake_logits, tiny_hybrid
 from tests.jet_checkpoint import write_official_checkpoint as write_jet
 from tests.ouro_checkpoint import write_official_checkpoint as write_ouro
@@ -307,6 +308,10 @@ def test_decoding_through_the_compiled_graph_equals_eager_decoding(families, fam
     )
     assert cache._captured is not None and cache._captured.graph is not None
     assert cache._captured.wake is not cache._wake  # the replayed graph holds the compiled step
+    blocks = model.get_sleep_adapter().blocks
+    groups = [m.input_projections() for b in blocks for m in b.modules() if hasattr(m, "input_projections")]
+    groups = [group for group in groups if len(group) > 1]
+    assert groups and all(getattr(group[0], PACKING).weight() is not None for group in groups)  # read packed
     assert torch.equal(compiled, eager)
     assert torch.allclose(compiled_logits, eager_logits, atol=1e-4, rtol=1e-4)
 

@@ -6,6 +6,7 @@ our modules). Comparisons run in float64.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -22,6 +23,7 @@ from retrofit import SleepConfig, SleepEngine, apply_sleep
 from retrofit.blocks import Chunk, LinearState
 from retrofit.cli import main
 from retrofit.generation import SleepCache
+from retrofit.layers.packing import PACKING, pack_input_projections
 from retrofit.ops.naive import naive_gated_delta_rule
 from retrofit.ops.naive_dynamic_conv import naive_dynamic_conv
 from tests.helpers import left_padding_runs, random_batch, stream_wake_logits, timed_gpu_training_step
@@ -265,6 +267,39 @@ def test_jet_block_matches_the_naive_reference_across_calls(model):
     assert close(whole, ref_out) and close(state.recurrent, ref_S) and close(state.conv[0], ref_conv)
     assert close(torch.cat([first, second], dim=1), ref_out)
     assert close(second, ref_second) and close(carried.recurrent, ref_S2) and close(carried.conv[0], ref_conv2)
+
+
+def test_packed_jet_block_compiled_is_one_input_multiply_equal_to_the_naive_reference(model, checkpoint, tmp_path):
+    """Packed for decoding, a compiled JetBlock without gradients reads q, k, v, the output gate and the kernel
+    generator's w1 in one multiply (then w2 and o_proj: three in all, seven unpacked) and still equals the naive
+    reference; the packed model saves in the official layout and loads back equal."""
+    packed = copy.deepcopy(model)
+    held = pack_input_projections(packed.get_sleep_adapter().blocks)  # project uses them while they are held
+    assert {t.dtype for t in held} == {torch.float64}
+    for layer in packed.model.layers:  # every mixer's (JetBlock or attention) inputs, every MLP's gate and up
+        for group in (layer.self_attn.input_projections(), layer.mlp.input_projections()):
+            assert getattr(group[0], PACKING).weight() is not None
+            assert group[-1].weight.untyped_storage().data_ptr() == group[0].weight.untyped_storage().data_ptr()
+    block = packed.model.layers[0].self_attn
+    x = torch.randn(2, 3, model.config.hidden_size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    traced = []
+
+    def backend(graph_module, example_inputs):
+        traced.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out, state, _ = torch.compile(block, backend=backend)(x, None, None, whole_chunk(x))
+        ref_out, ref_S, ref_conv = reference_jet_block(block, x, None)
+    assert sum("linear" in t for t in traced) == 3, traced
+    assert close(out, ref_out) and close(state.recurrent, ref_S) and close(state.conv[0], ref_conv)
+    packed.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(checkpoint[1])
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64)
+    reference = model.state_dict()
+    assert all(torch.equal(value, reference[name]) for name, value in loaded.state_dict().items())
 
 
 def test_jet_block_padding_leaves_the_state_untouched(model):

@@ -3,7 +3,8 @@
 Random init, bf16, sleeping with L = 2000, N = 6, hard eviction, `SleepCache(compile=True)`. Per shape: the seconds
 of the first decoded step (which compiles) and of the second (which captures the graph); ms/token at batch 1 after
 a 2K and a 32K prompt, at batch 16 after a 2K prompt (bursts of 8 tokens, as item d of `run.py`); and the profile
-of one token at batch 1 and 16 (`<shape>-b<batch>.txt`).
+of one token at batch 1 and 16 (`<shape>-b<batch>.txt`). `--unpacked` measures without packing the input projections
+(`retrofit.layers.packing`), as before it.
 
     python -m benchmarks.probes.decode_shapes --out OUT     # GPU machine
 """
@@ -20,7 +21,7 @@ import torch._inductor.config
 
 from benchmarks import native
 from benchmarks.run import GPU_SHAPE, decode_latencies, jet_model, timed, write_profile
-from retrofit import SleepConfig, apply_sleep
+from retrofit import SleepConfig, apply_sleep, generation
 from retrofit.generation import SleepCache
 
 SLEEP = SleepConfig(window=2000, passes=6, eviction="hard")
@@ -76,7 +77,10 @@ def main() -> None:
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated among {', '.join(RUNS)}")
     parser.add_argument("--profile", default="1,16", help="batches to profile one token of ('' for none)")
     parser.add_argument("--inductor", default="", help="inductor settings to try, as KEY=PYTHON_VALUE,...")
+    parser.add_argument("--unpacked", action="store_true", help="without packed input projections (the baseline)")
     args = parser.parse_args()
+    if args.unpacked:
+        generation.pack_input_projections = lambda blocks: []
     for setting in filter(None, args.inductor.split(",")):
         key, value = setting.split("=", 1)
         setattr(torch._inductor.config, key, ast.literal_eval(value))
@@ -87,6 +91,7 @@ def main() -> None:
         "qwen3_5_2b": lambda: native.models(False, device)[1],
     }
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "inductor": args.inductor}
+    results["packed"] = not args.unpacked
     for shape in args.shapes.split(","):
         profiled = [int(b) for b in args.profile.split(",") if b]
         results[shape] = measure(shape, builders[shape](), args.out, args.runs.split(","), profiled)

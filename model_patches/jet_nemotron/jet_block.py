@@ -36,6 +36,7 @@ from transformers import initialization as init
 from model_patches.jet_nemotron.configuration import JetBlockSettings
 from retrofit.blocks import Chunk, LinearState
 from retrofit.layers.gated_deltanet import GatedDeltaRuleMixer, ShortConvolution
+from retrofit.layers.packing import project
 from retrofit.ops import dynamic_conv
 
 
@@ -53,7 +54,8 @@ class KernelProjection(nn.Linear):
 
 class KernelGenerator(nn.Module):
     """`w2(silu(w1 x))`: one `[dim, kernel_size]` conv kernel per token (upstream's `kernel_generator`); w2's bias is
-    the static part of the kernel."""
+    the static part of the kernel. The JetBlock computes `w1 x` with its other projections of x
+    (`retrofit.layers.packing`) and calls the generator on it."""
 
     def __init__(self, input_size: int, hidden_size: int, dim: int, kernel_size: int) -> None:
         super().__init__()
@@ -61,9 +63,9 @@ class KernelGenerator(nn.Module):
         self.w1 = nn.Linear(input_size, hidden_size, bias=False)
         self.w2 = KernelProjection(hidden_size, dim, kernel_size)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x `[B, T, input_size]` -> kernels `[B, T, dim, kernel_size]`."""
-        return self.w2(F.silu(self.w1(x))).unflatten(-1, (self.dim, self.kernel_size))
+    def forward(self, hidden: Tensor) -> Tensor:
+        """`hidden = w1 x` `[B, T, hidden_size]` -> kernels `[B, T, dim, kernel_size]`."""
+        return self.w2(F.silu(hidden)).unflatten(-1, (self.dim, self.kernel_size))
 
 
 def init_static_kernel(module: nn.Module) -> None:
@@ -84,11 +86,11 @@ class DynamicShortConvolution(nn.Module):
         self.kernel_generator = KernelGenerator(generator_input_size, dim // generator_reduction, dim, kernel_size)
 
     def forward(
-        self, x: Tensor, generator_input: Tensor, state: Tensor | None, valid: Tensor | None = None
+        self, x: Tensor, generator_hidden: Tensor, state: Tensor | None, valid: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """x `[B, T, dim]`, generator_input `[B, T, *]`, state `[B, dim, W]` or None -> (y, final state).
-        Positions where `valid` is False (padding) are skipped exactly."""
-        kernels = self.kernel_generator(generator_input)
+        """x `[B, T, dim]`, `generator_hidden = kernel_generator.w1(generator input)` `[B, T, *]`, state
+        `[B, dim, W]` or None -> (y, final state). Positions where `valid` is False (padding) are skipped exactly."""
+        kernels = self.kernel_generator(generator_hidden)
         return dynamic_conv(x, kernels, initial_state=state, output_final_state=True, activation="silu", valid=valid)
 
 
@@ -105,10 +107,15 @@ class JetBlock(GatedDeltaRuleMixer):
             settings.value_dim, settings.conv_size, hidden_size, settings.generator_reduction
         )
 
+    def input_projections(self) -> tuple[nn.Linear, ...]:
+        """The projections of the block input, in the order `forward` reads them (`retrofit.layers.packing`)."""
+        return self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.dynamic_conv1d.kernel_generator.w1
+
     def forward(self, x: Tensor, state: LinearState | None, kv: None, chunk: Chunk) -> tuple[Tensor, LinearState, None]:
         valid = chunk.valid if chunk.padded else None
         keep = valid[..., None].to(x.dtype) if valid is not None else None
-        v, conv_state = self.dynamic_conv1d(self.v_proj(x), x, state.conv[0] if state is not None else None, valid)
-        q, k = F.silu(self.q_proj(x)), F.silu(self.k_proj(x))
-        out, recurrent = self.mix(x, q, k, v, state.recurrent if state is not None else None, keep)
+        recurrent, conv_state = (state.recurrent, state.conv[0]) if state is not None else (None, None)
+        q, k, u, gate, generator_hidden = project(x, self.input_projections())
+        v, conv_state = self.dynamic_conv1d(u, generator_hidden, conv_state, valid)
+        out, recurrent = self.mix(x, F.silu(q), F.silu(k), v, gate, recurrent, keep)
         return out, LinearState(recurrent, (conv_state,)), None

@@ -8,13 +8,18 @@ from torch import Tensor, nn
 from retrofit.blocks import Chunk, KVWindow
 from retrofit.layers.attention import attend
 from retrofit.layers.gates import gate_projection
+from retrofit.layers.packing import project
 from retrofit.layers.views import AttentionView, DeltaNetLayout
+
+
+def olmo_hybrid_inputs(mixer: nn.Module) -> tuple[nn.Module, ...]:
+    return mixer.q_proj, mixer.k_proj, mixer.v_proj, mixer.g_proj
 
 
 def olmo_hybrid_projections(mixer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """q|k|v before the conv, the output gate `g_proj`, then b and a."""
-    qkv = torch.cat([mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x)], dim=-1)
-    return qkv, mixer.g_proj(x), gate_projection(mixer.b_proj, x), gate_projection(mixer.a_proj, x)
+    q, k, v, gate = project(x, olmo_hybrid_inputs(mixer))
+    return torch.cat([q, k, v], dim=-1), gate, gate_projection(mixer.b_proj, x), gate_projection(mixer.a_proj, x)
 
 
 OLMO_HYBRID_LAYOUT = DeltaNetLayout(
@@ -22,6 +27,7 @@ OLMO_HYBRID_LAYOUT = DeltaNetLayout(
     norm="o_norm",
     out="o_proj",
     beta_scale=lambda mixer: 2.0 if mixer.allow_neg_eigval else 1.0,
+    input_projections=olmo_hybrid_inputs,
 )
 
 
@@ -33,9 +39,10 @@ class PostNormAttentionBlock(AttentionView):
         layer, attention = self.layer, self.layer.self_attn
         batch, length, _ = h.shape
         heads = (batch, length, -1, attention.head_dim)
-        q = attention.q_norm(attention.q_proj(h)).view(heads).transpose(1, 2)
-        k = attention.k_norm(attention.k_proj(h)).view(heads).transpose(1, 2)
-        v = attention.v_proj(h).view(heads).transpose(1, 2)
+        q, k, v = project(h, self.input_projections())
+        q = attention.q_norm(q).view(heads).transpose(1, 2)
+        k = attention.k_norm(k).view(heads).transpose(1, 2)
+        v = v.view(heads).transpose(1, 2)
         if chunk.rope is not None:
             q, k = self.apply_rotary_pos_emb(q, k, *chunk.rope)
         out, own = attend(q, k, v, kv, chunk, None)

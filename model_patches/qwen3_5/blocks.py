@@ -16,13 +16,18 @@ from torch import Tensor, nn
 from retrofit.blocks import Chunk, KVWindow
 from retrofit.layers.attention import attend
 from retrofit.layers.gates import gate_projection
+from retrofit.layers.packing import project
 from retrofit.layers.views import AttentionView, DeltaNetLayout, mlp_output
+
+
+def qwen3_5_inputs(mixer: nn.Module) -> tuple[nn.Module, ...]:
+    return mixer.in_proj_qkv, mixer.in_proj_z
 
 
 def qwen3_5_projections(mixer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Qwen3.5's separate projections: q|k|v before the conv `[B, T, 2K + V]`, z `[B, T, V]`, b and a `[B, T, HV]`."""
-    b, a = gate_projection(mixer.in_proj_b, x), gate_projection(mixer.in_proj_a, x)
-    return mixer.in_proj_qkv(x), mixer.in_proj_z(x), b, a
+    qkv, z = project(x, qwen3_5_inputs(mixer))
+    return qkv, z, gate_projection(mixer.in_proj_b, x), gate_projection(mixer.in_proj_a, x)
 
 
 def qwen3_next_projections(mixer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -32,7 +37,7 @@ def qwen3_next_projections(mixer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor,
     return qkv, z.flatten(2), b, a
 
 
-QWEN3_5_LAYOUT = DeltaNetLayout(qwen3_5_projections)
+QWEN3_5_LAYOUT = DeltaNetLayout(qwen3_5_projections, input_projections=qwen3_5_inputs)
 QWEN3_NEXT_LAYOUT = DeltaNetLayout(qwen3_next_projections)
 
 
@@ -44,10 +49,11 @@ class GatedAttentionBlock(AttentionView):
         x = layer.input_layernorm(h)
         batch, length, _ = x.shape
         head_dim = attention.head_dim
-        q, gate = torch.chunk(attention.q_proj(x).view(batch, length, -1, 2 * head_dim), 2, dim=-1)
+        q_and_gate, k, v = project(x, self.input_projections())
+        q, gate = torch.chunk(q_and_gate.view(batch, length, -1, 2 * head_dim), 2, dim=-1)
         q = attention.q_norm(q).transpose(1, 2)
-        k = attention.k_norm(attention.k_proj(x).view(batch, length, -1, head_dim)).transpose(1, 2)
-        v = attention.v_proj(x).view(batch, length, -1, head_dim).transpose(1, 2)
+        k = attention.k_norm(k.view(batch, length, -1, head_dim)).transpose(1, 2)
+        v = v.view(batch, length, -1, head_dim).transpose(1, 2)
         q, k = self.apply_rotary_pos_emb(q, k, *chunk.rope)
         out, own = attend(q, k, v, kv, chunk, None)
         out = out.transpose(1, 2).reshape(batch, length, -1) * torch.sigmoid(gate.reshape(batch, length, -1))

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from retrofit.blocks import Chunk, KVRing, KVWindow
+from retrofit.layers.packing import project
 from retrofit.layers.rope import apply_rotary
 
 
@@ -68,11 +69,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
 
+    def input_projections(self) -> tuple[nn.Linear, ...]:
+        """The projections of the input, in the order `forward` reads them (`retrofit.layers.packing`)."""
+        return self.q_proj, self.k_proj, self.v_proj
+
     def forward(self, x: Tensor, state: None, kv: KVWindow | None, chunk: Chunk) -> tuple[Tensor, None, KVWindow]:
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = project(x, self.input_projections())
+        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = chunk.rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out, own = attend(q, k, v, kv, chunk, self.window)

@@ -12,6 +12,7 @@ from transformers import initialization as init
 from retrofit.blocks import Chunk, LinearState
 from retrofit.layers.gates import gate_projection
 from retrofit.layers.norm import GatedRMSNorm
+from retrofit.layers.packing import project
 from retrofit.ops import gated_delta_rule, short_conv
 
 
@@ -69,10 +70,11 @@ class GatedDeltaRuleMixer(nn.Module):
         return A_log, dt + torch.log(-torch.expm1(-dt))
 
     def mix(
-        self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, recurrent: Tensor | None, keep: Tensor | None
+        self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, gate: Tensor, recurrent: Tensor | None, keep: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         """The gated delta rule over `q, k` `[B, T, H*K]` and `v` `[B, T, HV*V]` from state `recurrent`,
-        then the gated norm and `o_proj`. Returns the mixer output and the final recurrent state."""
+        then the norm gated by `gate = g_proj(x)` and `o_proj`. Returns the mixer output and the final recurrent
+        state. (The subclass computes `gate` with its other projections of x: `retrofit.layers.packing`.)"""
         batch, length, _ = x.shape
         gate_dtype = torch.promote_types(x.dtype, torch.float32)  # fp32 under bf16, fp64 in exact tests
         a = gate_projection(self.a_proj, x).to(gate_dtype)
@@ -90,7 +92,7 @@ class GatedDeltaRuleMixer(nn.Module):
             output_final_state=True,
             use_qk_l2norm=True,
         )
-        gate = self.g_proj(x).view(batch, length, self.num_v_heads, self.head_v_dim)
+        gate = gate.view(batch, length, self.num_v_heads, self.head_v_dim)
         return self.o_proj(self.o_norm(o, gate).reshape(batch, length, -1)), recurrent
 
 
@@ -120,14 +122,19 @@ class GatedDeltaNet(GatedDeltaRuleMixer):
         self.k_conv1d = ShortConvolution(key_dim, conv_size)
         self.v_conv1d = ShortConvolution(value_dim, conv_size)
 
+    def input_projections(self) -> tuple[nn.Linear, ...]:
+        """The projections of the block input, in the order `forward` reads them (`retrofit.layers.packing`)."""
+        return self.q_proj, self.k_proj, self.v_proj, self.g_proj
+
     def forward(self, x: Tensor, state: LinearState | None, kv: None, chunk: Chunk) -> tuple[Tensor, LinearState, None]:
         conv_state = state.conv if state is not None else (None, None, None)
         valid = chunk.valid if chunk.padded else None
         keep = valid[..., None].to(x.dtype) if valid is not None else None
-        q, q_state = self.q_conv1d(self.q_proj(x), conv_state[0], valid)
-        k, k_state = self.k_conv1d(self.k_proj(x), conv_state[1], valid)
-        v, v_state = self.v_conv1d(self.v_proj(x), conv_state[2], valid)
-        out, recurrent = self.mix(x, q, k, v, state.recurrent if state is not None else None, keep)
+        q, k, v, gate = project(x, self.input_projections())
+        q, q_state = self.q_conv1d(q, conv_state[0], valid)
+        k, k_state = self.k_conv1d(k, conv_state[1], valid)
+        v, v_state = self.v_conv1d(v, conv_state[2], valid)
+        out, recurrent = self.mix(x, q, k, v, gate, state.recurrent if state is not None else None, keep)
         return out, LinearState(recurrent, (q_state, k_state, v_state)), None
 
 

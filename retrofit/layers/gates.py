@@ -15,14 +15,15 @@ def gate_projection(linear: nn.Module, x: Tensor) -> Tensor:
     layer (benchmarks/README.md). Anything else calls `linear`: training, eager code, an adapter such as a LoRA
     layer, and a module with hooks (ZeRO-3 gathering, accelerate's offloading), which the sum would bypass.
     """
-    if not (_plain(linear) and torch.compiler.is_compiling()) or torch.is_grad_enabled():
+    if not (is_plain_linear(linear) and torch.compiler.is_compiling()) or torch.is_grad_enabled():
         return linear(x)
     accumulate = torch.promote_types(x.dtype, torch.float32)
     y = (x.unsqueeze(-2).to(accumulate) * linear.weight.to(accumulate)).sum(-1)
     return (y if linear.bias is None else y + linear.bias).to(x.dtype)
 
 
-def _plain(linear: nn.Module) -> bool:
-    """An `nn.Linear` itself, with no hooks and its forward not replaced."""
+def is_plain_linear(linear: nn.Module) -> bool:
+    """An `nn.Linear` itself, with no hooks and its forward not replaced: a module that computing `F.linear` with its
+    weight stands in for exactly."""
     hooked = linear._forward_hooks or linear._forward_pre_hooks or "forward" in vars(linear)
     return type(linear) is nn.Linear and not hooked

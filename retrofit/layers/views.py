@@ -42,12 +42,15 @@ class DeltaNetLayout:
         norm: the name of its gated norm module (called as `norm(o, z)` on `[N, head_v_dim]` rows).
         out: the name of its output projection.
         beta_scale: `(mixer) -> factor` on `sigmoid(b)`: 2 where negative eigenvalues are allowed (beta in (0, 2)).
+        input_projections: `(mixer) -> the linears that projections computes together with
+            `retrofit.layers.packing.project` (none where the module already fuses them).
     """
 
     projections: Projections
     norm: str = "norm"
     out: str = "out_proj"
     beta_scale: Callable[[nn.Module], float] = lambda mixer: 1.0
+    input_projections: Callable[[nn.Module], tuple[nn.Module, ...]] = lambda mixer: ()
 
 
 class GatedDeltaNetView(nn.Module):
@@ -60,6 +63,10 @@ class GatedDeltaNetView(nn.Module):
         super().__init__()
         self.layer = layer
         self.layout = layout
+
+    def input_projections(self) -> tuple[nn.Module, ...]:
+        """The mixer's projections of the block input that its layout computes together (`retrofit.layers.packing`)."""
+        return self.layout.input_projections(self.layer.linear_attn)
 
     def forward(
         self, h: Tensor, state: BlockState, kv: KVWindow | None, chunk: Chunk
@@ -109,3 +116,8 @@ class AttentionView(nn.Module):
         super().__init__()
         self.layer = layer
         self.apply_rotary_pos_emb = apply_rotary_pos_emb
+
+    def input_projections(self) -> tuple[nn.Module, ...]:
+        """`self_attn`'s q, k and v projections, which a subclass computes with `retrofit.layers.packing.project`."""
+        attention = self.layer.self_attn
+        return attention.q_proj, attention.k_proj, attention.v_proj
