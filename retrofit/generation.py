@@ -117,7 +117,7 @@ class SleepCache(StreamingCache):
     On CUDA the one-token wake step and the sleep of a full window are each captured once as a CUDA graph and
     replayed after (`capture=False` keeps both eager); where capture fails, that step stays eager and says so once.
     `compile=True` also compiles the wake step with `torch.compile` before it is captured: inductor fuses its
-    ~1,300 small kernels per token into far fewer, for some seconds of compiling on the first decoding step (24 s
+    ~1,300 small kernels per token into far fewer, for some seconds of compiling on the first decoding step (26-39 s
     for a 2B model on an H100); worth it for long generations (benchmarks/README.md, issue 23). It first packs the
     projections that each block applies to one input (`retrofit.layers.packing`), so that the step reads each group
     of weights as one matrix: the parameters become views of the packed tensors, with their names and values.

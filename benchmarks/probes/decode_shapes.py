@@ -2,9 +2,9 @@
 
 Random init, bf16, sleeping with L = 2000, N = 6, hard eviction, `SleepCache(compile=True)`. Per shape: the seconds
 of the first decoded step (which compiles) and of the second (which captures the graph); ms/token at batch 1 after
-a 2K and a 32K prompt, at batch 16 after a 2K prompt (bursts of 8 tokens, as item d of `run.py`); and the profile
-of one token at batch 1 and 16 (`<shape>-b<batch>.txt`). `--unpacked` measures without packing the input projections
-(`retrofit.layers.packing`), as before it.
+a 2K and a 32K prompt, at batch 16 after a 2K prompt (bursts of 8 tokens, as item d of `run.py`); sleep against
+no sleep at batch 1 after a 2K prompt (`no_sleep`, as item d); and the profile of one token at batch 1 and 16
+(`<shape>-b<batch>.txt`). `--unpacked` measures without packing the input projections (`retrofit.layers.packing`).
 
     python -m benchmarks.probes.decode_shapes --out OUT     # GPU machine
 """
@@ -20,12 +20,13 @@ import torch
 import torch._inductor.config
 
 from benchmarks import native
-from benchmarks.run import GPU_SHAPE, decode_latencies, jet_model, timed, write_profile
+from benchmarks.run import DECODE_BURST, GPU_SHAPE, decode_latencies, jet_model, timed, write_profile
 from retrofit import SleepConfig, apply_sleep, generation
 from retrofit.generation import SleepCache
 
 SLEEP = SleepConfig(window=2000, passes=6, eviction="hard")
 RUNS = {"b1_2k": (1, 2048), "b1_32k": (1, 32768), "b16_2k": (16, 2048)}
+TOKENS = 24  # decoded bursts per measure
 
 
 def profile_token(model, vocab: int, batch: int, path: Path) -> None:
@@ -56,11 +57,17 @@ def measure(name: str, model, out: Path, runs: list[str], profile_batches: list[
     vocab = model.config.vocab_size
     row = first_steps(model, vocab)
     print(name, " ".join(f"{k}={v:.1f}" for k, v in row.items()), flush=True)
-    for run in runs:
+    for run in (run for run in runs if run in RUNS):
         batch, context = RUNS[run]
-        seconds = decode_latencies(model, {"s": (SLEEP, {"compile": True})}, context, 24, vocab, batch=batch)["s"]
+        seconds = decode_latencies(model, {"s": (SLEEP, {"compile": True})}, context, TOKENS, vocab, batch=batch)["s"]
         row[f"{run}_ms"] = seconds * 1e3
         print(name, run, f"{seconds * 1e3:.3f} ms/token", flush=True)
+    if "no_sleep" in runs:  # as item d: sleep against one window longer than the stream, taking turns
+        no_sleep = SleepConfig(window=2048 + DECODE_BURST * (TOKENS + 3), passes=1, eviction="hard")
+        configs = {"sleep": (SLEEP, {"compile": True}), "no_sleep": (no_sleep, {"compile": True})}
+        seconds = decode_latencies(model, configs, 2048, TOKENS, vocab)
+        row["sleep_over_no_sleep_2k"] = seconds["sleep"] / seconds["no_sleep"]
+        print(name, "sleep / no sleep", f"{row['sleep_over_no_sleep_2k']:.3f}", flush=True)
     if {"b1_2k", "b1_32k"} <= set(runs):
         row["flatness_32k_over_2k"] = row["b1_32k_ms"] / row["b1_2k_ms"]
     if {"b1_2k", "b16_2k"} <= set(runs):
@@ -74,7 +81,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--shapes", default="jet_nemotron_2b,qwen3_5_2b", help="comma-separated, measured in order")
-    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated among {', '.join(RUNS)}")
+    parser.add_argument(
+        "--runs", default=",".join([*RUNS, "no_sleep"]), help=f"comma-separated among {', '.join(RUNS)}, no_sleep"
+    )
     parser.add_argument("--profile", default="1,16", help="batches to profile one token of ('' for none)")
     parser.add_argument("--inductor", default="", help="inductor settings to try, as KEY=PYTHON_VALUE,...")
     parser.add_argument("--unpacked", action="store_true", help="without packed input projections (the baseline)")
