@@ -87,15 +87,21 @@ def test_compiled_project_is_one_multiply_over_the_packed_weight_equal_to_each_l
         torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=1e-5)
 
 
-def test_adapters_and_hooks_keep_their_own_calls():
+def test_adapters_hooks_and_tensor_subclasses_keep_their_own_calls():
     class Adapted(nn.Linear):  # as a LoRA layer wraps a projection
         def forward(self, x):
             return super().forward(x) + 1
 
+    class Shard(torch.Tensor):  # as FSDP2's DTensor holds a shard
+        pass
+
     torch.manual_seed(0)
     adapted = (nn.Linear(8, 4), Adapted(8, 3))
-    assert pack_input_projections([Group(*adapted)]) == []
-    assert adapted[0].weight.untyped_storage().data_ptr() != adapted[1].weight.untyped_storage().data_ptr()
+    sharded = (nn.Linear(8, 4), nn.Linear(8, 3))
+    sharded[1].weight = nn.Parameter(sharded[1].weight.detach().as_subclass(Shard))
+    for group in (adapted, sharded):
+        assert pack_input_projections([Group(*group)]) == []
+        assert group[0].weight.untyped_storage().data_ptr() != group[1].weight.untyped_storage().data_ptr()
     hooked = (nn.Linear(8, 4), nn.Linear(8, 3))
     held = pack_input_projections([Group(*hooked)])
     assert held

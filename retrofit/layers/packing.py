@@ -55,8 +55,8 @@ def project(x: Tensor, linears: Sequence[nn.Module]) -> tuple[Tensor, ...]:
 
 def pack_input_projections(modules: Iterable[nn.Module]) -> list[Tensor]:
     """Pack the group that each module under `modules` declares with `input_projections()`, where every member is a
-    plain `nn.Linear` of one dtype, device and input size, all with a bias or none. Returns the packed tensors:
-    `project` uses a packing while its tensors are held. Packing again copies nothing."""
+    plain `nn.Linear` of one dtype, device and input size, all with a bias or none, over plain tensors. Returns the
+    packed tensors: `project` uses a packing while its tensors are held. Packing again copies nothing."""
     held: list[Tensor] = []
     taken: set[int] = set()  # a module may be reached twice (Ouro's loops); a linear joins one group
     for root in modules:
@@ -89,7 +89,12 @@ def _live(linears: Sequence[nn.Module]) -> tuple[Tensor, Tensor | None] | None:
 
 
 def _packable(group: tuple[nn.Module, ...]) -> bool:
+    """Plain linears of one dtype, device and input size, all with a bias or none, whose parameters hold plain
+    tensors (not a tensor subclass such as FSDP2's DTensor shards)."""
     if not all(is_plain_linear(linear) for linear in group):
+        return False
+    parameters = [p for linear in group for p in (linear.weight, linear.bias) if p is not None]
+    if any(type(p.data) is not torch.Tensor for p in parameters):
         return False
     first = group[0].weight
     same = all(
