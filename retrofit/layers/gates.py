@@ -23,7 +23,7 @@ def gate_projection(linear: nn.Module, x: Tensor) -> Tensor:
 
 
 def is_plain_linear(linear: nn.Module) -> bool:
-    """An `nn.Linear` itself, with no hooks and its forward not replaced: a module that computing `F.linear` with its
-    weight stands in for exactly."""
+    """An `nn.Linear` itself, with no hooks and its forward not replaced: `F.linear` over its weight and bias
+    computes exactly what calling it does."""
     hooked = linear._forward_hooks or linear._forward_pre_hooks or "forward" in vars(linear)
     return type(linear) is nn.Linear and not hooked
