@@ -1,4 +1,5 @@
-"""The GPU benchmark suite (issue 7): speed and memory of sleep on a Jet-Nemotron-2B-shaped model, in one run.
+"""The GPU benchmark suite (issue 7): speed and memory of sleep on a Jet-Nemotron-2B-shaped model (or, with
+`--model qwen3_5_2b`, on transformers' own Qwen3.5-2B shape, patched), in one run.
 
 | id | what | target |
 |---|---|---|
@@ -17,6 +18,7 @@ The model is random-init bf16 (weights and compute), batch 1.
 
     python -m benchmarks.run --suite all --out benchmarks/results        # GPU machine, < 10 minutes
     python -m benchmarks.run --suite all --dry-run                       # CPU: a tiny model through every item
+    python -m benchmarks.run --suite de --model qwen3_5_2b --out OUT      # issue 23's items on the Qwen3.5 shape
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ from retrofit.generation import SleepCache
 from retrofit.ops import cross_entropy
 
 CONFIG_2B = Path(__file__).resolve().parent / "configs" / "jet-nemotron-2b.json"
+QWEN_CONFIG_2B = Path(__file__).resolve().parent / "configs" / "qwen3.5-2b.json"
+QWEN_TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 1,
+             "linear_num_key_heads": 2, "linear_num_value_heads": 2, "vocab_size": 512}  # fmt: skip
 ITEMS = "abcdefgh"
 TARGETS = {
     "a": "efficiency >= 0.9 at every N",
@@ -154,6 +159,19 @@ def count_layer_passes(model: torch.nn.Module, fn: Callable[[], object]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- the model
+
+
+def qwen3_5_model(tiny: bool, device: torch.device) -> torch.nn.Module:
+    """transformers' own Qwen3.5-2B text model from the published config (or a tiny variant), random init with seed
+    0, bf16, on `device`; not yet patched to sleep."""
+    with tempfile.TemporaryDirectory() as folder:
+        shutil.copy(QWEN_CONFIG_2B, Path(folder) / "config.json")
+        config = AutoConfig.from_pretrained(folder).get_text_config()
+    for key, value in (QWEN_TINY if tiny else {}).items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
 
 
 def jet_model(shape: Shape, device: torch.device) -> torch.nn.Module:
@@ -450,11 +468,21 @@ def item_h(model, shape: Shape, ids: torch.Tensor) -> dict:
     }
 
 
-def run_suite(items: str, dry_run: bool, profile_dir: Path | None, report: Callable[[dict], None]) -> dict:
-    """Run `items` in order; after each one, hand the result so far to `report` (so a run cut short keeps it)."""
+MODELS = {
+    "jet_nemotron_2b": lambda shape, dry_run, device: jet_model(shape, device),
+    "qwen3_5_2b": lambda shape, dry_run, device: qwen3_5_model(dry_run, device).train(),
+}
+
+
+def run_suite(
+    items: str, dry_run: bool, profile_dir: Path | None, report: Callable[[dict], None], model_name: str = ""
+) -> dict:
+    """Run `items` in order on `model_name` (one of `MODELS`, Jet-Nemotron's by default); after each one, hand the
+    result so far to `report` (so a run cut short keeps it)."""
     shape = DRY_SHAPE if dry_run else GPU_SHAPE
     device = torch.device("cuda" if torch.cuda.is_available() and not dry_run else "cpu")
-    model = jet_model(shape, device)
+    model_name = model_name or next(iter(MODELS))
+    model = MODELS[model_name](shape, dry_run, device)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (1, shape.length), generator=torch.Generator().manual_seed(0)).to(device)
     results: dict = {}
@@ -465,7 +493,7 @@ def run_suite(items: str, dry_run: bool, profile_dir: Path | None, report: Calla
         "torch": torch.__version__,
         "retrofit": retrofit.__version__,
         "host": platform.node(),
-        "shape": {"window": shape.window, "length": shape.length, "batch": 1, "dtype": "bfloat16"},
+        "shape": {"model": model_name, "window": shape.window, "length": shape.length, "batch": 1, "dtype": "bfloat16"},
         "targets": {k: TARGETS[k] for k in items},
         "results": results,
     }
@@ -617,6 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", action="store_true", help="also profile f's training step and one decoded token (torch profiler)"
     )
+    parser.add_argument("--model", choices=list(MODELS), default=next(iter(MODELS)), help="the model shape measured")
     parser.add_argument("--plot", type=Path, nargs="+", metavar="RESULT_JSON", help="only draw RESULT_JSONs to --out")
     args = parser.parse_args(argv)
     if args.plot:
@@ -634,6 +663,8 @@ def main(argv: list[str] | None = None) -> int:
         use_kept_autotuning()
     profile_dir = (args.out or Path(tempfile.mkdtemp())) if args.profile else None
     stem = "dry-run" if args.dry_run else f"{date.today().isoformat()}-suite"
+    if args.model != next(iter(MODELS)):
+        stem += f"-{args.model}"
 
     def report(result: dict) -> None:
         table = markdown(result)
@@ -644,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
             (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
             (args.out / f"{stem}.md").write_text(table + "\n")
 
-    run_suite(items, args.dry_run, profile_dir, report)
+    run_suite(items, args.dry_run, profile_dir, report, args.model)
     if args.out is not None:
         print(f"wrote {args.out / stem}.json and .md")
     return 0

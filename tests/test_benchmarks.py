@@ -32,6 +32,17 @@ def test_dry_run_measures_every_item(tmp_path, capsys):
     assert "| a | worst efficiency" in table and (tmp_path / "dry-run.md").read_text().strip() in table
 
 
+def test_dry_run_measures_issue_23s_items_on_transformers_own_qwen3_5(tmp_path, capsys):
+    assert run.main(["--dry-run", "--suite", "de", "--model", "qwen3_5_2b", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "dry-run-qwen3_5_2b.json").read_text())
+    assert result["shape"]["model"] == "qwen3_5_2b" and sorted(result["results"]) == ["d", "e"]
+    rows = result["results"]["d"]["rows"]
+    assert set(map(int, rows)) == set(run.DRY_SHAPE.contexts)
+    assert all(row["sleep_ms"] > 0 and row["no_sleep_ms"] > 0 for row in rows.values())
+    assert result["results"]["e"]["prefill_seconds"] > 0
+    assert "| d | slowest" in capsys.readouterr().out
+
+
 def test_unknown_items_are_refused(capsys):
     with pytest.raises(SystemExit) as exc:
         run.main(["--dry-run", "--suite", "az"])
@@ -199,3 +210,8 @@ def test_the_native_benchmark_dry_run_measures_both_items(tmp_path, capsys):
     assert result["train"]["seconds"]["ours"] > 0 and result["train"]["seconds"]["theirs"] > 0
     assert result["decode"]["ms_per_token"]["ours"] > 0 and result["decode"]["value"] > 0
     assert "| train (T=64, N=1, no eviction) |" in capsys.readouterr().out
+    assert native.main(["--dry-run", "--items", "decode", "--out", str(tmp_path)]) == 0
+    assert set(json.loads((tmp_path / "native-dry-run.json").read_text())["results"]) == {"decode"}
+    assert "| train" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        native.main(["--dry-run", "--items", "prefill"])

@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from benchmarks import native
-from benchmarks.run import GPU_SHAPE, jet_model
+from benchmarks.run import GPU_SHAPE, jet_model, qwen3_5_model
 
 WINDOW = 2000  # KVRing storage for L = 2000: capacity 1,999 slots, padded to 2,000
 ATTENTION = {"jet_nemotron_2b": (2, 6, 128), "qwen3_5_2b": (2, 4, 256)}  # (H_kv, G, D)
@@ -118,7 +117,7 @@ def main() -> None:
         (args.out / "decode_kernels.json").write_text(json.dumps(results, indent=1))
     if "linear" in parts:
         device = torch.device("cuda")
-        models = {"jet_nemotron_2b": jet_model(GPU_SHAPE, device), "qwen3_5_2b": native.models(False, device)[1]}
+        models = {"jet_nemotron_2b": jet_model(GPU_SHAPE, device), "qwen3_5_2b": qwen3_5_model(False, device)}
         results["linear"] = linear_table(models)
         (args.out / "decode_kernels.json").write_text(json.dumps(results, indent=1))
     for part in parts:

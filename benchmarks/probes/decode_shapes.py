@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 import torch._inductor.config
 
-from benchmarks import native
-from benchmarks.run import DECODE_BURST, GPU_SHAPE, decode_latencies, jet_model, timed, write_profile
+from benchmarks.run import DECODE_BURST, GPU_SHAPE, decode_latencies, jet_model, qwen3_5_model, timed, write_profile
 from retrofit import SleepConfig, apply_sleep, generation
 from retrofit.generation import SleepCache
 
@@ -97,7 +96,7 @@ def main() -> None:
     device = torch.device("cuda")
     builders = {
         "jet_nemotron_2b": lambda: jet_model(GPU_SHAPE, device),
-        "qwen3_5_2b": lambda: native.models(False, device)[1],
+        "qwen3_5_2b": lambda: qwen3_5_model(False, device),
     }
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "inductor": args.inductor}
     results["packed"] = not args.unpacked
