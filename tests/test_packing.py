@@ -122,3 +122,23 @@ def test_copies_and_pickles_of_a_packed_model_are_not_packed():
         assert getattr(twin.members[0], PACKING) is None
         assert torch.equal(twin.members[1].weight, group[1].weight)
         assert twin.members[1].weight.data_ptr() != group[1].weight.data_ptr()
+
+
+def test_a_packed_model_trains_exactly_as_before():
+    """Gradients and optimizer steps on packed parameters equal those on a twin that was never packed, and the
+    parameters stay views of the packed tensor, which follows every update."""
+    torch.manual_seed(0)
+    packed = SwiGLU(6, 5).double()
+    twin = copy.deepcopy(packed)
+    held = pack_input_projections([packed])
+    initial = held[0].clone()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    optimizers = [torch.optim.AdamW(model.parameters(), lr=0.1) for model in (packed, twin)]
+    for _ in range(3):
+        for model, optimizer in zip((packed, twin), optimizers, strict=True):
+            model(x).square().sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert all(torch.equal(p, q) for p, q in zip(packed.parameters(), twin.parameters(), strict=True))
+    assert torch.equal(held[0], torch.cat([twin.gate_proj.weight, twin.up_proj.weight]))
+    assert not torch.equal(held[0], initial)  # it trained
