@@ -468,20 +468,24 @@ def item_h(model, shape: Shape, ids: torch.Tensor) -> dict:
     }
 
 
+DEFAULT_MODEL = "jet_nemotron_2b"
 MODELS = {
-    "jet_nemotron_2b": lambda shape, dry_run, device: jet_model(shape, device),
+    DEFAULT_MODEL: lambda shape, dry_run, device: jet_model(shape, device),
     "qwen3_5_2b": lambda shape, dry_run, device: qwen3_5_model(dry_run, device).train(),
 }
 
 
 def run_suite(
-    items: str, dry_run: bool, profile_dir: Path | None, report: Callable[[dict], None], model_name: str = ""
+    items: str,
+    dry_run: bool,
+    profile_dir: Path | None,
+    report: Callable[[dict], None],
+    model_name: str = DEFAULT_MODEL,
 ) -> dict:
-    """Run `items` in order on `model_name` (one of `MODELS`, Jet-Nemotron's by default); after each one, hand the
-    result so far to `report` (so a run cut short keeps it)."""
+    """Run `items` in order on `model_name` (one of `MODELS`); after each one, hand the result so far to `report` (so
+    a run cut short keeps it)."""
     shape = DRY_SHAPE if dry_run else GPU_SHAPE
     device = torch.device("cuda" if torch.cuda.is_available() and not dry_run else "cpu")
-    model_name = model_name or next(iter(MODELS))
     model = MODELS[model_name](shape, dry_run, device)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (1, shape.length), generator=torch.Generator().manual_seed(0)).to(device)
@@ -645,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", action="store_true", help="also profile f's training step and one decoded token (torch profiler)"
     )
-    parser.add_argument("--model", choices=list(MODELS), default=next(iter(MODELS)), help="the model shape measured")
+    parser.add_argument("--model", choices=list(MODELS), default=DEFAULT_MODEL, help="the model shape measured")
     parser.add_argument("--plot", type=Path, nargs="+", metavar="RESULT_JSON", help="only draw RESULT_JSONs to --out")
     args = parser.parse_args(argv)
     if args.plot:
@@ -663,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
         use_kept_autotuning()
     profile_dir = (args.out or Path(tempfile.mkdtemp())) if args.profile else None
     stem = "dry-run" if args.dry_run else f"{date.today().isoformat()}-suite"
-    if args.model != next(iter(MODELS)):
+    if args.model != DEFAULT_MODEL:
         stem += f"-{args.model}"
 
     def report(result: dict) -> None:
