@@ -15,11 +15,17 @@ def gate_projection(linear: nn.Module, x: Tensor) -> Tensor:
     layer (benchmarks/README.md). Anything else calls `linear`: training, eager code, an adapter such as a LoRA
     layer, and a module with hooks (ZeRO-3 gathering, accelerate's offloading), which the sum would bypass.
     """
-    if not (is_plain_linear(linear) and torch.compiler.is_compiling()) or torch.is_grad_enabled():
+    if not (compiled_inference() and is_plain_linear(linear)):
         return linear(x)
     accumulate = torch.promote_types(x.dtype, torch.float32)
     y = (x.unsqueeze(-2).to(accumulate) * linear.weight.to(accumulate)).sum(-1)
     return (y if linear.bias is None else y + linear.bias).to(x.dtype)
+
+
+def compiled_inference() -> bool:
+    """Whether this code is being traced by `torch.compile` without gradients: a compiled decoding step, where a
+    projection may be computed otherwise than by calling its module."""
+    return torch.compiler.is_compiling() and not torch.is_grad_enabled()
 
 
 def is_plain_linear(linear: nn.Module) -> bool:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from retrofit.layers.gates import is_plain_linear
+from retrofit.layers.gates import compiled_inference, is_plain_linear
 
 PACKING = "packed_input_projections"  # the attribute of a group's first linear that holds its `Packing`
 
@@ -46,7 +46,7 @@ class Packing:
 def project(x: Tensor, linears: Sequence[nn.Module]) -> tuple[Tensor, ...]:
     """`linear(x)` for each of `linears`: one multiply over their packed weight in a compiled step without gradients
     while the packing is live and every linear still plain, else one call per linear."""
-    packed = _live(linears) if torch.compiler.is_compiling() and not torch.is_grad_enabled() else None
+    packed = _live(linears) if compiled_inference() else None
     if packed is None:
         return tuple(linear(x) for linear in linears)
     weight, bias = packed
