@@ -27,14 +27,6 @@ What a mode refuses (`check_launch`, each an error naming the recipe key):
   different optimizer, configured in its JSON, which the trainer's optimizer and schedule cannot drive. FSDP2 gives
   each process row shards of every matrix, which Muon cannot orthogonalise either. Under DDP (`multi_gpu`) every
   process holds whole matrices and the same averaged gradient, so Muon runs as on one GPU.
-- `checkpointing: pass` under `multi_gpu`, `zero2`, `zero3` and `fsdp2`: it recomputes each pass with a nested
-  (reentrant) backward, so a looped weight's gradient arrives once per pass and chunk, while DDP, ZeRO and FSDP2
-  reduce each gradient once per backward (ZeRO-2 stops with "Gradient computed twice for this partition"; DDP
-  silently averages a partial gradient, or with `find_unused_parameters` stops with "mark a variable ready only
-  once"). FSDP2 runs it without an error but wrongly: on two CPU processes the tiny Jet-Nemotron of
-  `tests/test_fsdp.py` gave a step-1 gradient norm of 13.49 against one process's 13.92 (without `pass` they agree
-  to 1e-4).
-  `checkpointing: chunk` recomputes without nesting.
 - stages that train different parameters under `zero2`/`zero3`: DeepSpeed fixes what it partitions and steps when
   the engine is built, so freezing a parameter later does not take it out of the optimizer.
 """
@@ -102,23 +94,9 @@ def check_launch(recipe: Recipe, mode: str | None = None, origin: str | None = N
     `origin` says where the mode comes from in the messages (default `launch: MODE`).
     """
     mode = mode or (recipe.launch.mode if recipe.launch else None)
-    if mode not in (*SHARDED_MODES, "multi_gpu"):
-        return
-    origin = origin or f"launch: {mode}"
-    top = recipe.sleep.get("checkpointing")
-    sleeps = [("sleep", top)] + [
-        (f"stages[{i}].sleep", stage.sleep.get("checkpointing", top)) for i, stage in enumerate(recipe.stages or [])
-    ]
-    for key, checkpointing in sleeps:
-        if checkpointing == "pass":
-            raise RecipeError(
-                f"{key}.checkpointing",
-                f"pass cannot run on several processes ({origin}): it recomputes each pass in a nested backward, so "
-                "a looped weight's gradient arrives once per pass while DDP and ZeRO reduce it once per backward "
-                "(under DDP the gradients come out wrong); use checkpointing: chunk or none with this launch",
-            )
     if mode not in SHARDED_MODES:
         return
+    origin = origin or f"launch: {mode}"
     if recipe.optimizer.name == "muon":
         raise RecipeError(
             "optimizer.name",

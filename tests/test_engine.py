@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -9,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from retrofit import SleepConfig, SleepEngine, apply_sleep
 from retrofit.blocks import LinearState
+from retrofit.checkpoint import checkpoint_offloaded
 from retrofit.engine import sequence_positions
 from tests.helpers import random_batch, stream_wake_logits, tiny_hybrid
 
@@ -398,6 +401,50 @@ def test_checkpointing_gives_the_same_gradients(mode):
     assert close(results[0][0], results[1][0])
     assert results[0][1].keys() == results[1][1].keys()
     assert all(close(results[0][1][n], results[1][1][n]) for n in results[0][1])
+
+
+@pytest.mark.parametrize("mode", ["none", "pass", "chunk"])
+def test_every_weight_accumulates_its_gradient_once_per_backward(mode):
+    """DDP, DeepSpeed ZeRO and FSDP2 reduce a weight's gradient when autograd accumulates it. A looped weight runs N
+    times in each of several chunks, yet under every checkpointing mode its gradient must arrive once."""
+    model = tiny_hybrid(ALL_KINDS, mild_decay=True)
+    ids, labels = random_batch(2, 17, model.config.vocab_size)
+    arrivals = Counter()
+    for name, parameter in model.named_parameters():
+        parameter.register_post_accumulate_grad_hook(lambda _, name=name: arrivals.update([name]))
+    config = dict(window=5, passes=3, eviction="sliding", loop_range=(1, 4), checkpointing=mode)
+    engine_for(model, **config).forward(ids, labels=labels).loss.backward()
+    loop_prefixes = ("model.layers.1.", "model.layers.2.", "model.layers.3.")
+    looped = [name for name, _ in model.named_parameters() if name.startswith(loop_prefixes)]
+    assert looped and all(arrivals[name] == 1 for name in looped)
+    assert set(arrivals.values()) == {1}
+
+
+def test_a_checkpointed_pass_keeps_only_its_inputs_and_gives_the_plain_gradients():
+    """Outside the pass, only the pass's tensor inputs (nested ones too) are saved: those are what waits on the host
+    on CUDA. Inside, nothing is kept, and backward recomputes the same gradients as an uncheckpointed call."""
+    torch.manual_seed(0)
+    weight = torch.randn(6, 6, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    state, scale = torch.randn(6, 6, dtype=torch.float64), torch.rand(6, dtype=torch.float64)
+
+    def one_pass(h, states, extra):
+        x = torch.tanh(h @ weight) * extra["scale"]
+        return x.sin() @ states[0], [states[0] + x.T @ x]
+
+    def loss_and_grads(call):
+        weight.grad = h.grad = None
+        out, (new_state,) = call(h, [state], {"scale": scale})
+        (out.square().sum() + new_state.sum()).backward()
+        return weight.grad.clone(), h.grad.clone()
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        checkpoint_offloaded(one_pass, h, [state], {"scale": scale})
+    assert sorted(t.data_ptr() for t in saved) == sorted(t.data_ptr() for t in (h, state, scale))
+    checkpointed = loss_and_grads(lambda *args: checkpoint_offloaded(one_pass, *args))
+    plain = loss_and_grads(one_pass)
+    assert all(torch.equal(a, b) for a, b in zip(checkpointed, plain, strict=True))
 
 
 # ---------------------------------------------------------------------------------------------- config

@@ -54,10 +54,14 @@ def recipe(tmp_path: Path, name: str, processes: int | None, **sections) -> Path
 
 
 def train(path: Path, processes: int, *flags: str) -> str:
-    """Run `retrofit train` on `processes` CPU processes; its train.log."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": ""}
+    """Run `retrofit train` on `processes` CPU processes; its train.log.
+
+    Several processes start under torchrun, as one gloo group (`ACCELERATE_USE_CPU`); one process starts through
+    `retrofit train`'s own launch, which keeps a recipe's DeepSpeed mode (`ACCELERATE_USE_CPU` would drop it)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     program = ["-m", "retrofit", "train", str(path), *flags]
     if processes > 1:
+        env["ACCELERATE_USE_CPU"] = "1"
         program = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), *program]
     done = subprocess.run([sys.executable, *program], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -46,9 +46,6 @@ def build_model(resolved: ResolvedRecipe) -> nn.Module:
         if not section.config_overrides:
             raise
         raise RecipeError("model.config_overrides", str(exc)) from None
-    # `checkpointing: pass` recomputes a pass in backward only if one of its inputs requires a gradient (the
-    # reentrant scheme): with a frozen embedding (an adapter, or a stage) none would, and nothing upstream would train.
-    model.enable_input_require_grads()
     return _with_adapter(model, resolved)
 
 
