@@ -19,6 +19,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from benchmarks.probes import collectives
+
 REPO = Path(__file__).resolve().parents[1]
 JET = yaml.safe_load((REPO / "recipes" / "jet-nemotron-tiny.yaml").read_text())["model"]["config"]
 # fp32 on CPU: the processes differ from one process by the order of reductions only. Weights get 1e-4: AdamW
@@ -101,6 +103,31 @@ def test_fsdp2_on_two_processes_matches_one_process_in_loss_gradients_and_weight
     assert any(not torch.equal(a[k], start[k]) for k in a), "training changed nothing: the comparison is vacuous"
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=TOLERANCE["weights"], atol=TOLERANCE["weights"])
+
+
+def test_fsdp2_with_accumulated_micro_batches_matches_one_process(runs, tmp_path):
+    """Two micro-batches per process: the loop range stays gathered across them and reshards after the last."""
+    path = recipe(tmp_path, "accumulated", 2, train={"micro_batch_size": 2, "checkpoint_every": 0})
+    log = train(path, 2)
+    assert "(2 process(es) x 2 x 2 accumulation)" in log
+    single, accumulated = steps((runs["single"] / "train.log").read_text()), steps(log)
+    for step, (loss, norm) in single.items():
+        assert accumulated[step][0] == pytest.approx(loss, rel=TOLERANCE["loss"], abs=1e-4), step
+        assert accumulated[step][1] == pytest.approx(norm, rel=TOLERANCE["grad_norm"], abs=1e-3), step
+    a, b = weights(runs["single"]), weights(tmp_path / "accumulated")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=TOLERANCE["weights"], atol=TOLERANCE["weights"])
+
+
+def test_fsdp2_gathers_each_looped_block_once_per_step(tmp_path):
+    """The probe's recipe: 5 chunks of the tiny Jet-Nemotron's 8 blocks, blocks 2-5 looped (4 chunks sleep with 2
+    passes, the last wakes with 1: 9 calls). Each of the 4 other blocks is gathered at each of its 5 calls and again
+    for each call's backward; each looped block once; the root (embedding, final norm, head) once. Every gradient
+    is reduce-scattered once."""
+    result = collectives.run_one("fsdp2", "tiny", tmp_path)
+    assert result["collectives"]["c10d::_allgather_base_"]["calls"] == 4 * 5 * 2 + 4 + 1
+    reduced = result["collectives"]["c10d::_reduce_scatter_base_"]["elements"]  # shards padded to equal sizes
+    assert reduced == pytest.approx(result["parameters"], rel=1e-3)  # every gradient reduced once
 
 
 def test_an_fsdp2_checkpoint_holds_whole_weights_and_optimizer_state_without_pickles(runs):

@@ -38,7 +38,7 @@ Muon under ZeRO is refused (`retrofit.launch`); under DDP it runs unchanged.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -106,10 +106,15 @@ def uses_fsdp2(recipe: Recipe) -> bool:
 def shard_for_training(model: nn.Module, accelerator: Accelerator) -> nn.Module:
     """`launch: fsdp2`: the model on this process's device, sharded over its sleep blocks, the loop range of its
     sleep config kept gathered (`retrofit.training.fsdp`). A LoRA model shards its base model's blocks."""
+    blocks, loop = _sleep_blocks(model)
+    return shard_model(model.to(accelerator.device), blocks, loop, accelerator.device)
+
+
+def _sleep_blocks(model: nn.Module) -> tuple[Sequence[nn.Module], range]:
+    """The sleep engine's blocks of `model` (of its base model under LoRA) and its loop range."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     adapter = base.get_sleep_adapter()
-    loop = range(*(base.sleep_config.loop_range or adapter.default_loop_range))
-    return shard_model(model.to(accelerator.device), adapter.blocks, loop, accelerator.device)
+    return adapter.blocks, range(*(base.sleep_config.loop_range or adapter.default_loop_range))
 
 
 def gathers_per_call(accelerator: Accelerator, model: nn.Module) -> bool:
@@ -151,7 +156,8 @@ def micro_step(
 
     Gradients add up over the micro-batches and are synchronised on the last. Under DDP the others run in
     `no_sync` (forward included: DDP decides in the forward whether the backward syncs), under FSDP2 without
-    gradient reduction, in the autocast `prepare` would have applied. Under DeepSpeed the engine
+    gradient reduction, in the autocast `prepare` would have applied; FSDP2's loop range, kept gathered through them
+    all (`retrofit.training.fsdp`), reshards after the last. Under DeepSpeed the engine
     owns accumulation: it divides the loss by its `gradient_accumulation_steps` (= `accum`, see
     `configure_distributed`) and, on the micro-batch marked as the boundary, reduces, clips and steps the optimizer.
     """
@@ -166,6 +172,10 @@ def micro_step(
         with accelerator.autocast():
             loss = model(**batch).loss / accum
         accelerator.backward(loss)
+        if last:  # the loop range stayed gathered through the backwards; clipping and the step read the shards
+            blocks, loop = _sleep_blocks(model)
+            for index in loop:
+                blocks[index].reshard()
         return loss.detach()
     with contextlib.nullcontext() if last else accelerator.no_sync(model):
         loss = model(**batch).loss / accum

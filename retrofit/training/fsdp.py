@@ -1,10 +1,13 @@
 """`launch: fsdp2`: the model sharded with torch's FSDP2 (`fully_shard`), one sleep block at a time.
 
 The trainer applies `fully_shard` itself rather than through accelerate's FSDP plugin, for two reasons:
-- the sleep loop calls each looped block N times per chunk. `shard_model` keeps the loop range's blocks gathered
-  from their first call to the end of the backward (`reshard_after_forward=False`), so the N passes cost one
-  all-gather per block and step instead of N; every other block reshards after its call, as FSDP2 does by default.
-  accelerate's plugin sets one policy for all modules;
+- the sleep loop calls each looped block up to N times per chunk. `shard_model` keeps the loop range's blocks
+  gathered from their first call to the end of the step's last backward: not resharded after a forward, nor after
+  each use in the backward (the trainer reshards them then, `distributed.micro_step`). Their calls then cost one
+  all-gather per looped block and step, instead of two per call (FSDP2's default) or one per call (gathered
+  through the forward only: FSDP2 still reshards after each use's backward). Every other block reshards after its
+  call, as FSDP2 does by default. `python -m benchmarks.probes.collectives` counts them. accelerate's plugin sets
+  one policy for all modules;
 - accelerate 1.15 runs FSDP on CUDA only, while the same code here runs on CPU processes over gloo, which is how
   the tests check FSDP2 against one process.
 
@@ -42,9 +45,9 @@ def shard_model(model: nn.Module, blocks: Sequence[nn.Module], loop: range, devi
     """Shard `model` across the processes of the default group, in place; returns it.
 
     Each of the sleep engine's `blocks` (the decoder layers, or a native model's views over them) is its own FSDP
-    unit; those in `loop` stay gathered through the step (see the
-    module docstring). What is left (embedding, final norm, head) belongs to the root unit, `model`. A single process
-    without a process group gets a group of one.
+    unit; those in `loop` stay gathered until the caller reshards them (see the module docstring). What
+    is left (embedding, final norm, head) belongs to the root unit, `model`. A single process without a process
+    group gets a group of one.
     """
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -52,6 +55,8 @@ def shard_model(model: nn.Module, blocks: Sequence[nn.Module], loop: range, devi
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for index, block in enumerate(blocks):
         fully_shard(block, mesh=mesh, reshard_after_forward=index not in loop)
+        if index in loop:
+            block.set_reshard_after_backward(False)
     # Views over decoder layers (transformers' native models) sit outside the module tree: the root must leave
     # their layers' weights to them.
     tree = {id(module) for module in model.modules()}
