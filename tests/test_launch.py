@@ -306,6 +306,20 @@ def test_without_gpus_a_multi_gpu_launch_must_name_its_processes(tmp_path, capsy
     assert ": launch.num_processes: no GPU is visible here" in capsys.readouterr().err
 
 
+def test_without_gpus_several_processes_are_refused_before_launching(tmp_path, capsys, monkeypatch):
+    """accelerate's launcher would start them as unconnected runs racing on one output_dir."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("launched without GPUs"))
+    for name in ("ACCELERATE_MIXED_PRECISION", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    path = recipe_file(tmp_path, launch={"mode": "fsdp2", "num_processes": 2})
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ": launch.num_processes: 2 processes on a machine without a visible GPU" in err
+    assert f"torchrun --nproc_per_node 2 -m retrofit train {path}" in err
+    assert main(["train", str(path), "--print-launch"]) == 0  # the command can still be printed for another machine
+
+
 def test_a_zero_launch_without_deepspeed_stops_before_running_anything(tmp_path, capsys, monkeypatch):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(

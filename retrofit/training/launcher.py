@@ -65,6 +65,14 @@ def launch_train(
             "launch",
             f"{plan.mode} needs DeepSpeed, which is not installed here: pip install deepspeed, or use multi_gpu",
         )
+    if plan.num_processes > 1 and torch.cuda.device_count() == 0:
+        raise RecipeError(
+            "launch.num_processes",
+            f"{plan.num_processes} processes on a machine without a visible GPU: accelerate would start them as "
+            f"unconnected runs writing the same output_dir; set it to 1, or start CPU processes as one gloo group "
+            f"(multi_gpu, fsdp2): ACCELERATE_USE_CPU=1 torchrun --nproc_per_node {plan.num_processes} -m retrofit "
+            f"train {loaded.path}",
+        )
     return subprocess.run([sys.executable, "-m", __name__, *command[1:]], check=False).returncode
 
 
