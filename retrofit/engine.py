@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from retrofit.blocks import BlockState, Chunk, KVWindow, LinearState, SleepAdapter, join_readable
 from retrofit.checkpoint import checkpoint_offloaded
 from retrofit.config import SleepConfig
-from retrofit.ops.cross_entropy import head_cross_entropy
+from retrofit.ops.cross_entropy import head_cross_entropy, head_token_scores
 
 IGNORE_INDEX = -100
 
@@ -45,6 +45,10 @@ class EngineOutput:
         states: each block's fast state after the last chunk (and its sleep, if one ran).
         windows: each attention block's retained KV window after the last chunk.
         num_label_tokens: how many positions the loss averages over.
+        token_loss: with `return_token_scores`, each position's next-token cross-entropy `[B, T]` (at least
+            float32; 0 where there is no label).
+        token_correct: with `return_token_scores`, whether the head's argmax at each position is its label
+            `[B, T]` (True where there is no label).
     """
 
     loss: Tensor | None
@@ -52,6 +56,8 @@ class EngineOutput:
     states: States
     windows: Windows
     num_label_tokens: int
+    token_loss: Tensor | None = None
+    token_correct: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,7 @@ class _Plan:
     sleep: bool
     all_logits: bool
     label_index: Tensor | None = None
+    token_scores: bool = False  # the head returns each label position's loss and hit, not logits (`_token_scores`)
     # `context_only` with loss tokens in some rows only: those rows wake (their state is the wake's) and the others
     # sleep, as each would alone. `[B]` bool, True for the rows that only wake.
     wake_rows: Tensor | None = None
@@ -102,6 +109,13 @@ def next_token_targets(labels: Tensor, valid: Tensor | None = None) -> Tensor:
 def chunk_bounds(length: int, window: int) -> list[tuple[int, int]]:
     """`[start, stop)` of each chunk of `window` tokens in a sequence of `length` tokens."""
     return [(s, min(s + window, length)) for s in range(0, length, window)]
+
+
+def _unscored(batch: int, length: int, like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """`[batch, length, 2]` token scores of positions without a label: loss 0, correct."""
+    scores = torch.zeros(batch, length, 2, dtype=dtype, device=like.device)
+    scores[..., 1] = 1.0
+    return scores
 
 
 def _select_rows(rows: Tensor, chosen: BlockState, other: BlockState) -> BlockState:
@@ -150,8 +164,16 @@ class SleepEngine:
         labels: Tensor | None = None,
         *,
         return_logits: bool = False,
+        return_token_scores: bool = False,
     ) -> EngineOutput:
-        """Chunked wake/sleep over `input_ids` `[B, T]`; see the module docstring."""
+        """Chunked wake/sleep over `input_ids` `[B, T]`; see the module docstring.
+
+        `return_token_scores` (with `labels`, for evaluation) gives each position's loss and whether its argmax is
+        its label instead of logits: the head runs on the label positions a chunk of rows at a time, so no
+        `[B, T, V]` tensor is ever held.
+        """
+        if return_token_scores and (return_logits or labels is None):
+            raise ValueError("return_token_scores needs labels, and gives no logits")
         cfg = self.config
         length = input_ids.shape[1]
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -169,7 +191,7 @@ class SleepEngine:
         states: States = [None] * len(self.adapter.blocks)
         windows: Windows = [None] * len(self.adapter.blocks)
         loss_sum = input_ids.new_zeros((), dtype=torch.float32)
-        logits_parts: list[Tensor] = []
+        head_outputs: list[Tensor] = []  # each chunk's logits, or its token scores
         for index, (s, e) in enumerate(bounds):
             has_next = e < length
             if cfg.sleep_on == "every_chunk":
@@ -180,7 +202,7 @@ class SleepEngine:
             mixed = cfg.sleep_on == "context_only" and sleeps and chunk_has_loss[index]
             wake_rows = torch.tensor([c > 0 for c in row_counts[index]], device=valid.device) if mixed else None
             plan = _Plan(wants_logits, sleeps, all_logits=return_logits, label_index=label_index[index],
-                         wake_rows=wake_rows)  # fmt: skip
+                         token_scores=return_token_scores, wake_rows=wake_rows)  # fmt: skip
             chunk = self._chunk(s, e, positions, valid, padded[index])
             chunk_targets = targets[:, s:e] if targets is not None else None
             part_loss, logits, states, windows = self._call_chunk(
@@ -188,14 +210,19 @@ class SleepEngine:
             )
             if part_loss is not None:
                 loss_sum = loss_sum + part_loss
-            if logits is not None:
-                logits_parts.append(logits)
+            if return_token_scores:  # a chunk without labels scores nothing: loss 0, correct
+                head_outputs.append(logits if logits is not None else _unscored(input_ids.shape[0], e - s, valid))
+            elif logits is not None:
+                head_outputs.append(logits)
             if cfg.truncate_chunks is not None and (index + 1) % cfg.truncate_chunks == 0:
                 states, windows = _detach_states(states), _detach_windows(windows)
 
         num_label_tokens = sum(label_counts)
         loss = loss_sum / max(num_label_tokens, 1) if targets is not None else None
-        logits = torch.cat(logits_parts, dim=1) if return_logits else None
+        if return_token_scores:
+            scores = torch.cat(head_outputs, dim=1)
+            return EngineOutput(loss, None, states, windows, num_label_tokens, scores[..., 0], scores[..., 1].bool())
+        logits = torch.cat(head_outputs, dim=1) if return_logits else None
         return EngineOutput(loss, logits, states, windows, num_label_tokens)
 
     def sleep(
@@ -343,11 +370,27 @@ class SleepEngine:
             return loss, logits
         if targets is None:
             return None, None
+        if plan.token_scores:
+            return self._token_scores(h, targets, plan.label_index)
         h, targets = h.flatten(0, 1), targets.flatten()
         if plan.label_index is not None:
             h, targets = h.index_select(0, plan.label_index), targets.index_select(0, plan.label_index)
         parts = self.adapter.head_parts() if hasattr(self.adapter, "head_parts") else None
         return head_cross_entropy(self.adapter.head, h, targets, parts=parts), None
+
+    def _token_scores(self, h: Tensor, targets: Tensor, label_index: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Summed loss over the chunk's label positions, and `[B, C, 2]` scores: each position's loss and 1.0 where
+        the head's argmax is its label (0 and 1 where it has none). `label_index`: as in `_Plan`."""
+        batch, length = targets.shape
+        flat_targets = targets.flatten()
+        index = label_index
+        if index is None:  # every position has a label
+            index = torch.arange(flat_targets.numel(), device=targets.device)
+        hidden = h.flatten(0, 1).index_select(0, index)
+        loss, hit = head_token_scores(self.adapter.head, hidden, flat_targets.index_select(0, index))
+        scores = _unscored(batch, length, targets, loss.dtype).flatten(0, 1)
+        scores[index] = torch.stack([loss, hit.to(loss.dtype)], dim=1)
+        return loss.sum(), scores.view(batch, length, 2)
 
     # ------------------------------------------------------------------ helpers
 

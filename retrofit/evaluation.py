@@ -20,7 +20,6 @@ from pathlib import Path
 
 import datasets
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
@@ -141,11 +140,11 @@ def evaluate(
         examples = [{key: rows[key][j] for key in rows} for j in range(len(rows["difficulty"]))]
         batch = {k: v.to(accelerator.device) for k, v in collate(examples, task.tokenizer.pad_token_id).items()}
         with accelerator.autocast():  # what `prepare` adds to a forward; FSDP2's model is not prepared
-            logits = model(**batch, return_logits=True).logits.float()
+            out = model(**batch, return_token_scores=True)  # no [B, T, V] logits: a 248K vocabulary would not fit
         targets = next_token_targets(batch["labels"], batch["attention_mask"].bool())
         supervised = targets != IGNORE_INDEX
-        token_loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-        correct = ((logits.argmax(-1) == targets) | ~supervised).all(dim=1)
+        token_loss = out.token_loss
+        correct = out.token_correct.all(dim=1)
         per_example = torch.stack(
             [torch.ones_like(correct), correct, token_loss.sum(dim=1), supervised.sum(dim=1)], dim=1
         ).double()

@@ -12,6 +12,7 @@ checkpoint whose weights do not match its config.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,6 +24,16 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from retrofit.config import SleepConfig
 from retrofit.engine import IGNORE_INDEX, SleepEngine, next_token_targets, upcast
 from retrofit.generation import CACHE_NAME, SleepCache, StreamCache, cached_output, take_cache
+
+
+@dataclass
+class SleepCausalLMOutput(CausalLMOutputWithPast):
+    """transformers' causal-LM output, plus what `return_token_scores=True` gives for evaluation: each position's
+    next-token loss `[B, T]` (0 where there is no label) and whether the head's argmax is its label (True where
+    there is none)."""
+
+    token_loss: Tensor | None = None
+    token_correct: Tensor | None = None
 
 
 class DecoderAdapter:
@@ -81,12 +92,15 @@ class SleepCausalLMMixin:
         return_logits: bool | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
+        return_token_scores: bool = False,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Causal-LM forward. `labels` follow the HF convention (-100 ignored, shifted inside).
 
         A sleeping model returns logits when there are no labels or when `return_logits=True`; with labels
-        alone it computes the head at label positions only. With a `cache` (`past_key_values` before transformers
+        alone it computes the head at label positions only; with `return_token_scores=True`, instead of logits, each
+        position's loss and whether its argmax is its label (`SleepCausalLMOutput`), without ever holding `[B, T, V]`
+        logits. With a `cache` (`past_key_values` before transformers
         5.25), or `use_cache=True`, it streams `input_ids` (the new tokens) through the cache and returns their logits
         and the cache; `attention_mask` then covers the whole stream, as `generate` passes it. A sleeping model
         streams through a `SleepCache`, a model without sleep through a `StreamCache`.
@@ -103,6 +117,9 @@ class SleepCausalLMMixin:
             padded = False if attention_mask is None else None  # known without asking the device
             return cached_output(cache.step(self.sleep_engine(), input_ids, valid, padded), cache)
         want_logits = labels is None if return_logits is None else return_logits
+        if return_token_scores:
+            out = self.sleep_engine().forward(input_ids, attention_mask, labels, return_token_scores=True)
+            return SleepCausalLMOutput(loss=out.loss, token_loss=out.token_loss, token_correct=out.token_correct)
         out = self.sleep_engine().forward(input_ids, attention_mask, labels, return_logits=want_logits)
         return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
 

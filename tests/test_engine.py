@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from retrofit import SleepConfig, SleepEngine, apply_sleep
 from retrofit.blocks import LinearState
 from retrofit.checkpoint import checkpoint_offloaded
-from retrofit.engine import sequence_positions
+from retrofit.engine import next_token_targets, sequence_positions
 from tests.helpers import random_batch, stream_wake_logits, tiny_hybrid
 
 ALL_KINDS = ("full_attention", "linear_attention", "sliding_attention", "linear_attention", "full_attention")
@@ -382,6 +382,35 @@ def test_padded_and_unpadded_rows_in_one_batch():
         row1 = engine.forward(ids[1:, 4:], return_logits=True).logits
     assert close(batched[0], row0[0])
     assert close(batched[1, 4:], row1[0])
+
+
+@pytest.mark.parametrize("sleep_on", ["every_chunk", "context_only"])
+def test_token_scores_equal_those_of_the_whole_logits(monkeypatch, sleep_on):
+    """Evaluation's per-position loss and argmax hit, computed a few head rows at a time, against the same numbers
+    taken from the `[B, T, V]` logits of the same sleeping forward."""
+    monkeypatch.setattr("retrofit.ops.cross_entropy.HEAD_ROWS", 3)  # many row chunks per engine chunk
+    model = tiny_hybrid(ALL_KINDS)
+    ids, labels = random_batch(3, 19, model.config.vocab_size)
+    labels[0, :12] = -100  # context only in the first chunks of row 0
+    labels[1, 5:9] = -100
+    mask = torch.ones_like(ids)
+    mask[2, :4] = 0  # left padding
+    engine = engine_for(model, window=5, passes=3, eviction="sliding", loop_range=(1, 4), sleep_on=sleep_on)
+    head, rows = engine.adapter.head, []
+    engine.adapter.head = lambda h: rows.append(h.shape[:-1].numel()) or head(h)
+    scored = engine.forward(ids, mask, labels, return_token_scores=True)
+    assert rows and max(rows) <= 3  # never more than HEAD_ROWS rows of logits at once
+    engine.adapter.head = head
+    whole = engine.forward(ids, mask, labels, return_logits=True)
+    targets = next_token_targets(labels, mask.bool())
+    supervised = targets != -100
+    loss = torch.nn.functional.cross_entropy(whole.logits.transpose(1, 2), targets, reduction="none")
+    hit = whole.logits.argmax(-1) == targets
+    assert supervised.sum() > 10 and (~supervised).sum() > 10
+    assert close(scored.token_loss, torch.where(supervised, loss, 0))
+    assert torch.equal(scored.token_correct, hit | ~supervised)
+    assert close(scored.loss, whole.loss)
+    assert scored.logits is None
 
 
 # ---------------------------------------------------------------------------------------------- checkpointing

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from retrofit.cli import main
+from retrofit.engine import next_token_targets
 from retrofit.evaluation import evaluate
 from retrofit.optim import MuonWithAdamW, build_optimizer, build_scheduler, schedule_factor, split_parameters
 from retrofit.recipes import load_recipe, resolve
@@ -238,27 +240,27 @@ def test_prefetched_batches_are_each_process_s_micro_batches_in_training_order()
 
 
 class _Oracle(torch.nn.Module):
-    """Predicts every next token right (its logits are the one-hot of the shifted labels), except where told."""
+    """Scores every supervised next token right at loss 0, except the last answer token of the rows told (a model's
+    token scores: `return_token_scores=True`)."""
 
-    def __init__(self, vocab: int, wrong_rows: set[int]) -> None:
+    def __init__(self, wrong_rows: set[int]) -> None:
         super().__init__()
-        self.vocab, self.wrong_rows = vocab, wrong_rows
+        self.wrong_rows = wrong_rows
 
-    def forward(self, input_ids, attention_mask, labels, return_logits):
-        nxt = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)
-        logits = torch.nn.functional.one_hot(nxt, self.vocab).float() * 30
+    def forward(self, input_ids, attention_mask, labels, return_token_scores):
+        supervised = next_token_targets(labels, attention_mask.bool()) != -100
+        token_loss, token_correct = torch.zeros(supervised.shape), torch.ones(supervised.shape, dtype=torch.bool)
         for row in self.wrong_rows:
-            logits[row, -2] = logits[row, -2].roll(1)  # the last answer token goes wrong
-        return type("Out", (), {"logits": logits})()
+            last = int(supervised[row].nonzero().max())
+            token_loss[row, last], token_correct[row, last] = 5.0, False
+        return SimpleNamespace(token_loss=token_loss, token_correct=token_correct)
 
 
-def test_evaluation_aligns_logits_with_labels_and_buckets_by_difficulty():
+def test_evaluation_buckets_token_scores_by_difficulty():
     from accelerate import Accelerator
 
     task = get_task("rule110", steps_choices=[1, 4])
     dataset = task.eval_dataset(4, seed=0)  # rows 0-3: t=1, rows 4-7: t=4
-    result = evaluate(
-        _Oracle(len(task.tokenizer), {5}), dataset, task=task, step=3, batch_size=8, accelerator=Accelerator(cpu=True)
-    )
+    result = evaluate(_Oracle({5}), dataset, task=task, step=3, batch_size=8, accelerator=Accelerator(cpu=True))
     assert [(b.difficulty, b.examples, b.correct) for b in result.buckets] == [(1, 4, 4), (4, 4, 3)]
     assert result.buckets[0].loss < 1e-3 < result.buckets[1].loss

@@ -59,6 +59,25 @@ def head_cross_entropy(
     return total
 
 
+def head_token_scores(
+    head: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor, rows: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Each row's cross-entropy of `head(hidden)` [N, V] against `targets` [N], in at least float32, and whether the
+    row's argmax is its target; `rows` rows (default `HEAD_ROWS`) at a time, so that evaluation never holds more
+    than one chunk of logits. Not for training: nothing is recomputed for a backward."""
+    rows = rows or HEAD_ROWS
+    losses, hits = [], []
+    for start in range(0, hidden.shape[0], rows):
+        logits = head(hidden[start : start + rows])
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        part = targets[start : start + rows]
+        losses.append(F.cross_entropy(logits, part, reduction="none"))
+        hits.append(logits.argmax(-1) == part)
+    if not losses:
+        return hidden.new_zeros(0, dtype=torch.float32), torch.zeros(0, dtype=torch.bool, device=hidden.device)
+    return torch.cat(losses), torch.cat(hits)
+
+
 def _summed_loss(head: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor) -> Tensor:
     logits = head(hidden)
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="sum")
