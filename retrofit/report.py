@@ -31,6 +31,7 @@ import yaml
 
 from retrofit.config import SleepConfig
 from retrofit.evaluation import METRIC, EvalResult, load_result
+from retrofit.recipes import short_key_names
 from retrofit.training.checkpoint import EVAL_DIR, RECIPE_FILE
 
 RESULTS_FILE = "results.json"
@@ -196,10 +197,7 @@ def label_runs(runs: Sequence[Run]) -> list[Run]:
 def short_names(keys: Sequence[str]) -> dict[str, str]:
     """What a header calls each key: N and L for the sleep schedule, else the key's last part, or the whole key where
     two keys share a last part (`optimizer.muon.lr`, `optimizer.adamw.lr`)."""
-    last = [key.rsplit(".", 1)[-1] for key in keys]
-    return {
-        key: KEY_NAMES.get(key, part if last.count(part) == 1 else key) for key, part in zip(keys, last, strict=True)
-    }
+    return {key: KEY_NAMES.get(key, name) for key, name in zip(keys, short_key_names(keys), strict=True)}
 
 
 def _key_order(key: str) -> tuple[int, str]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from subprocess import PIPE, STDOUT
 
-from retrofit.recipes import RecipeError, load_recipe, resolve
+from retrofit.recipes import RecipeError, load_recipe, resolve, short_key_names
 
 RESULTS_FILE = "results.json"
 SWEEP_FILE = "sweep.json"
@@ -80,9 +80,7 @@ def parse_axis(text: str) -> Axis:
 def run_names(grid: Sequence[tuple[tuple[str, str], ...]]) -> list[str]:
     """A folder name per grid point from its values, `passes1-seed0`: each key's last part, or the whole dotted key
     where two keys share a last part (`optimizer.muon.lr` and `optimizer.adamw.lr`)."""
-    keys = [key for key, _ in grid[0]]
-    last = [key.rsplit(".", 1)[-1] for key in keys]
-    short = [part if last.count(part) == 1 else key.replace(".", "_") for key, part in zip(keys, last, strict=True)]
+    short = [name.replace(".", "_") for name in short_key_names([key for key, _ in grid[0]])]
     return ["-".join(f"{name}{value}" for name, (_, value) in zip(short, point, strict=True)) for point in grid]
 
 

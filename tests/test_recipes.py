@@ -14,7 +14,7 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from retrofit.cli import main
-from retrofit.recipes import RecipeError, load_recipe, resolve
+from retrofit.recipes import RecipeError, load_recipe, resolve, short_key_names
 from retrofit.tasks import DATA_TASKS
 from tests.helpers import minimal_recipe as minimal
 
@@ -576,3 +576,8 @@ def test_recipes_lists_every_shipped_recipe_with_its_description(capsys):
     on_disk = {p.relative_to(REPO / "recipes").with_suffix("").as_posix() for p in (REPO / "recipes").rglob("*.yaml")}
     assert listed == {name for name in on_disk if not name.startswith(("base/", "accelerate/"))}
     assert "| replicate/depo-n4 | Depo replication sweep (issue 9), N=4; the rest is depo.yaml's |" in rows
+
+
+def test_short_key_names_keep_whole_keys_only_where_last_parts_clash():
+    keys = ["sleep.passes", "optimizer.muon.lr", "optimizer.adamw.lr", "seed"]
+    assert short_key_names(keys) == ["passes", "optimizer.muon.lr", "optimizer.adamw.lr", "seed"]

@@ -5,7 +5,7 @@ model config and cross-checks them. Both raise `RecipeError`, whose message is o
 and the fix.
 """
 
-from retrofit.recipes.loader import LoadedRecipe, RecipeError, dump_recipe, load_recipe
+from retrofit.recipes.loader import LoadedRecipe, RecipeError, dump_recipe, load_recipe, short_key_names
 from retrofit.recipes.resolve import ResolvedRecipe, ResolvedStage, resolve
 from retrofit.recipes.schema import Recipe
 
@@ -18,4 +18,5 @@ __all__ = [
     "dump_recipe",
     "load_recipe",
     "resolve",
+    "short_key_names",
 ]

@@ -15,7 +15,7 @@ import json
 import os
 import re
 import shlex
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +94,13 @@ def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Loade
     except ValidationError as exc:
         raise _attribute(_first_error(exc), sources, path) from None
     return LoadedRecipe(recipe, path, sources)
+
+
+def short_key_names(keys: Sequence[str]) -> list[str]:
+    """What to call each dotted recipe key where several are listed (sweep folders, report columns): its last part,
+    or the whole key where two of `keys` share a last part (`optimizer.muon.lr`, `optimizer.adamw.lr`)."""
+    last = [key.rsplit(".", 1)[-1] for key in keys]
+    return [part if last.count(part) == 1 else key for key, part in zip(keys, last, strict=True)]
 
 
 def dump_recipe(recipe: Recipe) -> str:
