@@ -486,3 +486,14 @@ def test_frozen_file_that_is_not_json_names_the_line(tmp_path):
     path = _write_records(tmp_path / "eval.jsonl", [_first_frozen("depo"), "", "{not json"])
     with pytest.raises(ValueError, match=r"eval.jsonl, line 3: Expecting property name"):
         get_task("depo").load_frozen_eval(path)
+
+
+def test_gsm_infinite_refuses_a_max_tokens_its_problems_would_not_fit_and_redraws_chains_that_do_not():
+    """Refused when the task is built (a recipe's `validate`), naming the least max_tokens it takes; from there on,
+    a chain too long to fit is drawn again, so no problem stops training."""
+    with pytest.raises(ValueError, match=r"max_tokens=200 is too short for 8-operation problems") as info:
+        get_task("gsm_infinite", min_tokens=1, max_tokens=200, window=64)
+    least = int(re.search(r"raise it to (\d+)", str(info.value)).group(1))
+    task = get_task("gsm_infinite", min_tokens=1, max_tokens=least, window=64)
+    lengths = [len(task.example(random.Random(seed), 8)["input_ids"]) for seed in range(300)]
+    assert max(lengths) <= least

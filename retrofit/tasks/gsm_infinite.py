@@ -45,6 +45,8 @@ MAX_VALUE = 99
 MAX_LEAF = 20
 MAX_ADDEND = 20
 MAX_FACTOR = 5
+REDRAWS = 100  # draws of a relevant chain before a too-short max_tokens is an error
+PROBES = 64  # chains of the most operations drawn when the task is built, to refuse a max_tokens too tight
 
 QUESTION = "Question: What is the number of {x}?"
 LEAF = "The number of {x} equals {n}."
@@ -119,6 +121,16 @@ class GSMInfiniteTask(Task):
             )
         if not self.ops_choices or min(self.ops_choices) < 1:
             raise ValueError(f"gsm_infinite ops_choices must be positive integers, got {list(ops_choices)}")
+        # Chains too long for max_tokens are drawn again (`sample`); refuse a max_tokens that most would not fit.
+        ops, probe = max(self.ops_choices), random.Random("gsm_infinite/max_tokens")
+        lengths = sorted(self._fixed_tokens(*self._relevant_chain(probe, ops)[1:]) for _ in range(PROBES))
+        least = -(-PROBES // 4)  # a quarter of them must fit: then REDRAWS draws all failing is never seen
+        if lengths[least - 1] > self._length_budget:
+            raise ValueError(
+                f"gsm_infinite max_tokens={max_tokens} is too short for {ops}-operation problems: fewer than a "
+                f"quarter of {PROBES} drawn fit; raise it to {lengths[least - 1] + answer_segment - 1} or more "
+                f"(with this tokenizer), or lower ops_choices"
+            )
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -132,32 +144,46 @@ class GSMInfiniteTask(Task):
     def eval_difficulties(self) -> list[int]:
         return list(self.ops_choices)
 
+    def _fixed_tokens(self, question: str, relevant: Sequence[str], answer: int) -> int:
+        """A problem's tokens before its distractors: question, relevant sentences, separator, answer, end."""
+        fixed = len(self._tokenizer(question, add_special_tokens=False)["input_ids"]) + sum(self._num_tokens(relevant))
+        fixed += len(self._tokenizer(SEPARATOR, add_special_tokens=False)["input_ids"])
+        return fixed + len(self._answer_ids[answer]) + len(self._end_ids)
+
     def _num_tokens(self, sentences: Sequence[str]) -> list[int]:
         ids = self._tokenizer([" " + s for s in sentences], add_special_tokens=False)["input_ids"]
         return [len(x) for x in ids]
+
+    def _relevant_chain(self, rng: random.Random, ops: int) -> tuple[Iterator[str], str, list[str], int]:
+        """A number, then `ops` operations, each on the previous quantity: the names left over (for distractors),
+        the question, the relevant sentences in dependency order, and the answer."""
+        names = iter(rng.sample(QUANTITIES, len(QUANTITIES)))
+        chain: list[Quantity] = [(next(names), rng.randint(0, MAX_LEAF))]
+        relevant = [LEAF.format(x=chain[0][0], n=chain[0][1])]
+        for _ in range(ops):
+            sentences, quantity = _operation(rng, next(names), chain[-1], chain[:-1], names.__next__)
+            relevant += sentences
+            chain.append(quantity)
+        target, answer = chain[-1]
+        return names, QUESTION.format(x=target), relevant, answer
 
     def sample(self, rng: random.Random, difficulty: int | None = None) -> dict[str, Any]:
         ops = rng.choice(self.ops_choices) if difficulty is None else difficulty
         if ops < 1:
             raise ValueError(f"gsm_infinite needs at least one operation, got {ops}")
-        names = iter(rng.sample(QUANTITIES, len(QUANTITIES)))
-
-        # The relevant chain: a number, then `ops` operations, each on the previous quantity.
-        chain: list[Quantity] = [(next(names), rng.randint(0, MAX_LEAF))]
-        relevant = [LEAF.format(x=chain[0][0], n=chain[0][1])]
-        for _ in range(ops):
-            sentences, quantity = _operation(rng, next(names), chain[-1], chain[:-1], lambda: next(names))
-            relevant += sentences
-            chain.append(quantity)
-        target, answer = chain[-1]
-        question = QUESTION.format(x=target)
+        # A chain too long for max_tokens (long names, many operations, a short max_tokens) is drawn again.
+        for _ in range(REDRAWS):
+            names, question, relevant, answer = self._relevant_chain(rng, ops)
+            fixed = self._fixed_tokens(question, relevant, answer)
+            if fixed <= self._length_budget:
+                break
+        else:
+            raise ValueError(
+                f"gsm_infinite max_tokens={self.max_tokens} leaves too little room for {ops}-operation problems: "
+                f"{REDRAWS} draws found none that fits; raise max_tokens or lower ops_choices"
+            )
 
         # Distractors until the target length: own quantities, never referring to the relevant ones.
-        fixed = len(self._tokenizer(question, add_special_tokens=False)["input_ids"]) + sum(self._num_tokens(relevant))
-        fixed += len(self._tokenizer(SEPARATOR, add_special_tokens=False)["input_ids"])
-        fixed += len(self._answer_ids[answer]) + len(self._end_ids)
-        if fixed > self._length_budget:
-            raise ValueError(f"max_tokens={self.max_tokens} is too short for a {ops}-operation problem ({fixed})")
         total = fixed
         target = rng.randint(self.min_tokens, self._length_budget - self._max_group)
         distractors: list[str] = []
