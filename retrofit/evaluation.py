@@ -20,8 +20,9 @@ from pathlib import Path
 
 import datasets
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
-from torch import nn
+from torch import Tensor, nn
 
 from retrofit.engine import IGNORE_INDEX, next_token_targets
 from retrofit.recipes.schema import EvalSection
@@ -134,17 +135,17 @@ def evaluate(
     rank, world = accelerator.process_index, accelerator.num_processes
     shard = dataset if replicated else dataset.select(range(rank, len(dataset), world))
     was_training = model.training
+    sleeping = getattr(accelerator.unwrap_model(model), "sleep_config", None) is not None
     model.eval()
     for start in range(0, len(shard), batch_size):
         rows = shard[start : start + batch_size]
         examples = [{key: rows[key][j] for key in rows} for j in range(len(rows["difficulty"]))]
         batch = {k: v.to(accelerator.device) for k, v in collate(examples, task.tokenizer.pad_token_id).items()}
-        with accelerator.autocast():  # what `prepare` adds to a forward; FSDP2's model is not prepared
-            out = model(**batch, return_token_scores=True)  # no [B, T, V] logits: a 248K vocabulary would not fit
         targets = next_token_targets(batch["labels"], batch["attention_mask"].bool())
         supervised = targets != IGNORE_INDEX
-        token_loss = out.token_loss
-        correct = out.token_correct.all(dim=1)
+        with accelerator.autocast():  # what `prepare` adds to a forward; FSDP2's model is not prepared
+            token_loss, token_correct = _token_scores(model, batch, targets, sleeping)
+        correct = token_correct.all(dim=1)
         per_example = torch.stack(
             [torch.ones_like(correct), correct, token_loss.sum(dim=1), supervised.sum(dim=1)], dim=1
         ).double()
@@ -164,6 +165,20 @@ def evaluate(
     ]
     windows = [WindowLoss(k + 1, int(n), float(loss / n)) for k, (loss, n) in enumerate(by_window.tolist()) if n]
     return EvalResult(task.name, step, buckets, windows, window, task.scores_exact_match)
+
+
+def _token_scores(model: nn.Module, batch: dict, targets: torch.Tensor, sleeping: bool) -> tuple[Tensor, Tensor]:
+    """Each position's next-token loss (0 without a label) and whether its argmax is its label (True without one).
+
+    A sleeping model scores its tokens itself, a chunk of head rows at a time (`return_token_scores`): `[B, T, V]`
+    logits of a 248K vocabulary would not fit. A model without sleep (one whose saved `sleep_config` is gone) is
+    scored from its logits."""
+    if sleeping:
+        out = model(**batch, return_token_scores=True)
+        return out.token_loss, out.token_correct
+    logits = model(**batch).logits.float()
+    loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    return loss, (logits.argmax(-1) == targets) | (targets == IGNORE_INDEX)
 
 
 def format_table(result: EvalResult) -> str:

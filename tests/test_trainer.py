@@ -243,6 +243,8 @@ class _Oracle(torch.nn.Module):
     """Scores every supervised next token right at loss 0, except the last answer token of the rows told (a model's
     token scores: `return_token_scores=True`)."""
 
+    sleep_config = True  # a sleeping model: evaluation asks it for token scores
+
     def __init__(self, wrong_rows: set[int]) -> None:
         super().__init__()
         self.wrong_rows = wrong_rows
