@@ -135,7 +135,7 @@ def evaluate(
     rank, world = accelerator.process_index, accelerator.num_processes
     shard = dataset if replicated else dataset.select(range(rank, len(dataset), world))
     was_training = model.training
-    sleeping = getattr(accelerator.unwrap_model(model), "sleep_config", None) is not None
+    sleeping = getattr(getattr(model, "module", model), "sleep_config", None) is not None  # DDP, DeepSpeed wrap
     model.eval()
     for start in range(0, len(shard), batch_size):
         rows = shard[start : start + batch_size]
