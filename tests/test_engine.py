@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
@@ -432,8 +433,16 @@ def test_checkpointing_gives_the_same_gradients(mode):
     assert all(close(results[0][1][n], results[1][1][n]) for n in results[0][1])
 
 
+@pytest.fixture
+def process_group():
+    """A gloo group of this one process: what DDP, ZeRO and FSDP2 run under."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("mode", ["none", "pass", "chunk"])
-def test_every_weight_accumulates_its_gradient_once_per_backward(mode):
+def test_every_weight_accumulates_its_gradient_once_per_backward_under_a_process_group(mode, process_group):
     """DDP, DeepSpeed ZeRO and FSDP2 reduce a weight's gradient when autograd accumulates it. A looped weight runs N
     times in each of several chunks, yet under every checkpointing mode its gradient must arrive once."""
     model = tiny_hybrid(ALL_KINDS, mild_decay=True)
@@ -449,9 +458,12 @@ def test_every_weight_accumulates_its_gradient_once_per_backward(mode):
     assert set(arrivals.values()) == {1}
 
 
-def test_a_checkpointed_pass_keeps_only_its_inputs_and_gives_the_plain_gradients():
+@pytest.mark.parametrize("grouped", [False, True], ids=["one process (reentrant)", "process group (non-reentrant)"])
+def test_a_checkpointed_pass_keeps_only_its_inputs_and_gives_the_plain_gradients(request, grouped):
     """Outside the pass, only the pass's tensor inputs (nested ones too) are saved: those are what waits on the host
     on CUDA. Inside, nothing is kept, and backward recomputes the same gradients as an uncheckpointed call."""
+    if grouped:
+        request.getfixturevalue("process_group")
     torch.manual_seed(0)
     weight = torch.randn(6, 6, dtype=torch.float64, requires_grad=True)
     h = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)

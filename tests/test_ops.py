@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from retrofit.ops import gated_delta_rule, gated_rms_norm, ops_backend, short_conv
+from retrofit.ops import gated_delta_rule, gated_rms_norm, ops_backend, short_conv, training_kernels
 from retrofit.ops.gated_delta_rule import l2norm
 from retrofit.ops.naive import naive_gated_delta_rule, naive_gated_rms_norm, naive_short_conv
 
@@ -321,7 +321,7 @@ def test_short_conv_skips_padding_exactly(pattern):
 
 def test_only_calls_no_backward_will_see_take_the_fused_recurrent_kernel(monkeypatch):
     """Which fla entry point `gated_delta_rule` picks (a fake fla records it): short no-grad calls the fused recurrent
-    kernel; with gradients, the chunk kernel."""
+    kernel; with gradients, or inside `training_kernels()` (a checkpointed forward), the chunk kernel."""
     module = importlib.import_module("retrofit.ops.gated_delta_rule")  # the module, not the function it exports
     calls = []
     fake = SimpleNamespace(
@@ -333,11 +333,13 @@ def test_only_calls_no_backward_will_see_take_the_fused_recurrent_kernel(monkeyp
     g, beta = -torch.rand(1, 3, 1), torch.rand(1, 3, 1)
     with torch.no_grad():
         gated_delta_rule(q, k, v, g, beta)
+        with training_kernels():
+            gated_delta_rule(q, k, v, g, beta)
     gated_delta_rule(q, k, v, g, beta)
     with torch.no_grad():
         gated_delta_rule(q.repeat(1, 30, 1, 1), k.repeat(1, 30, 1, 1), v.repeat(1, 30, 1, 1), g.repeat(1, 30, 1),
                          beta.repeat(1, 30, 1))  # fmt: skip
-    assert calls == ["fused", "chunk", "chunk"]  # 90 tokens: too long for the recurrent kernel
+    assert calls == ["fused", "chunk", "chunk", "chunk"]  # 90 tokens: too long for the recurrent kernel
 
 
 def test_small_16bit_heads_under_gradients_avoid_fla_backward(monkeypatch):

@@ -7,7 +7,7 @@ one runs. `retrofit.ops.naive` holds loop-by-loop references of the same ops for
 from retrofit.ops.conv import short_conv
 from retrofit.ops.cross_entropy import head_cross_entropy, head_token_scores
 from retrofit.ops.dynamic_conv import dynamic_conv
-from retrofit.ops.gated_delta_rule import gated_delta_rule, ops_backend
+from retrofit.ops.gated_delta_rule import gated_delta_rule, ops_backend, training_kernels
 from retrofit.ops.norm import gated_rms_norm
 
 __all__ = [
@@ -18,4 +18,5 @@ __all__ = [
     "head_token_scores",
     "ops_backend",
     "short_conv",
+    "training_kernels",
 ]

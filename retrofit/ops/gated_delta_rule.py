@@ -16,10 +16,13 @@ imported lazily, on first use, and the result (module or failure) is cached.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib
 import os
 import warnings
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
@@ -112,9 +115,24 @@ def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
     return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + eps)
 
 
+_training_kernels: contextvars.ContextVar[bool] = contextvars.ContextVar("retrofit_training_kernels", default=False)
+
+
+@contextlib.contextmanager
+def training_kernels() -> Iterator[None]:
+    """Within it, calls without gradients take the kernels that calls with gradients take (no inference shortcut),
+    so a no-grad forward that a checkpoint recomputes in backward computes the function backward differentiates."""
+    token = _training_kernels.set(True)
+    try:
+        yield
+    finally:
+        _training_kernels.reset(token)
+
+
 def _inference_only(*tensors: Tensor | None) -> bool:
-    """A call no backward will see: gradients off, or no input that needs one."""
-    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+    """A call no backward will see: no gradients, and not the forward of a recomputed checkpoint."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return not needs_grad and not _training_kernels.get()
 
 
 def _fla_backward_would_crash(q: Tensor, *tensors: Tensor | None) -> bool:

@@ -46,6 +46,9 @@ def build_model(resolved: ResolvedRecipe) -> nn.Module:
         if not section.config_overrides:
             raise
         raise RecipeError("model.config_overrides", str(exc)) from None
+    # `checkpointing: pass` on one process recomputes a pass in backward only if one of its inputs requires a gradient
+    # (the reentrant scheme of `retrofit.checkpoint`): with a frozen embedding (an adapter, or a stage) none would.
+    model.enable_input_require_grads()
     return _with_adapter(model, resolved)
 
 
