@@ -100,10 +100,12 @@ class SleepCausalLMMixin:
         A sleeping model returns logits when there are no labels or when `return_logits=True`; with labels
         alone it computes the head at label positions only; with `return_token_scores=True`, instead of logits, each
         position's loss and whether its argmax is its label (`SleepCausalLMOutput`), without ever holding `[B, T, V]`
-        logits. With a `cache` (`past_key_values` before transformers
-        5.25), or `use_cache=True`, it streams `input_ids` (the new tokens) through the cache and returns their logits
-        and the cache; `attention_mask` then covers the whole stream, as `generate` passes it. A sleeping model
-        streams through a `SleepCache`, a model without sleep through a `StreamCache`.
+        logits.
+
+        With a `cache` (`past_key_values` before transformers 5.25), or `use_cache=True`, it streams `input_ids` (the
+        new tokens) through the cache and returns their logits and the cache; `attention_mask` then covers the whole
+        stream, as `generate` passes it. A sleeping model streams through a `SleepCache`, a model without sleep
+        through a `StreamCache`.
         """
         cache, valid, positions = self.stream_inputs(input_ids, attention_mask, cache, use_cache, labels, kwargs)
         if self.sleep_config is None:
